@@ -1,13 +1,14 @@
-# Fresh machine:  make demo   (set-up + the whole pipeline on the embedded data)
-#                 make test   (set-up + the test suite)
+# Fresh machine:  make doctor   (set-up + report what this installation can do)
+#                 make test     (set-up + C++ kernel tests + the Python test suite)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.sdca-installed
+JOBS   ?= 2
 SOURCES := pyproject.toml setup.py constraints.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup test doctor clean
+.PHONY: setup test cpp-test py-test doctor bench system-deps clean
 
 setup: $(STAMP)
 
@@ -17,14 +18,32 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q 'setuptools>=64' wheel
 	$(PIP) install -q -c constraints.txt torch torchvision
-	$(PIP) install -q -c constraints.txt --no-build-isolation -e '.[dev]'
+	MAX_JOBS=$(JOBS) $(PIP) install -q -c constraints.txt --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
 doctor: setup
 	$(BIN)/sdca doctor
 
-test: setup
-	$(BIN)/python -m pytest -q tests
+# GoogleTest for the C++ kernel tests comes from Debian's libgtest-dev; installed here when we are root.
+system-deps:
+	@dpkg -s libgtest-dev >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev cmake >/dev/null; \
+	  else echo "the C++ tests need GoogleTest: sudo apt-get install libgtest-dev cmake"; exit 1; fi; }
+
+cpp-test: setup system-deps
+	cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(BIN)/python) >/dev/null
+	cmake --build build/cmake -j $(JOBS)
+	ctest --test-dir build/cmake --output-on-failure
+
+# SDCA_REQUIRE_EXTENSION=1: a build that silently failed to load is a test failure, not a skipped test.
+py-test: setup
+	SDCA_REQUIRE_EXTENSION=1 $(BIN)/python -m pytest -q tests
+
+test: cpp-test py-test
+
+bench: setup
+	$(BIN)/python bench/bench_kernels.py
 
 clean:
 	rm -rf build *.egg-info sdca/_C*.so

@@ -1,3 +1,74 @@
+"""Builds the sdca._C extension: CPU kernels always, CUDA kernels when nvcc is found or FORCE_CUDA=1.
+
+Environment: FORCE_CUDA=1 (build CUDA even when detection fails), SDCA_NO_CUDA=1 (CPU kernels only),
+SDCA_NO_EXTENSION=1 (no compiled code at all; the pure-PyTorch reference is used), TORCH_CUDA_ARCH_LIST
+(GPU architectures; default "8.0;9.0+PTX" when no GPU is visible at build time), MAX_JOBS (parallel compiles).
+"""
+import glob
+import os
+import shutil
+import sys
+
 from setuptools import setup
 
-setup()
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name):
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    """The CUDA toolkit folder. /usr/local/bin/nvcc may be a wrapper script, so its location proves little."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for path in candidates:
+        if path and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and \
+                os.path.isfile(os.path.join(path, "bin", "nvcc")):
+            return path
+    return None
+
+
+def _pip_cuda_includes():
+    """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h) ship in torch's pip dependencies."""
+    found = []
+    for entry in sys.path:
+        found += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
+        found += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
+    return sorted({p for p in found if glob.glob(os.path.join(p, "cublas*.h")) or
+                   glob.glob(os.path.join(p, "cusparse*.h"))})
+
+
+def extension_modules():
+    if _flag("SDCA_NO_EXTENSION"):
+        return [], {}
+    cuda_home = _find_cuda_home()
+    if cuda_home:
+        os.environ.setdefault("CUDA_HOME", cuda_home)  # read when cpp_extension is imported
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    with_cuda = not _flag("SDCA_NO_CUDA") and (_flag("FORCE_CUDA") or cuda_home is not None)
+    sources = (["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/*/*_autograd.cpp"))
+               + sorted(glob.glob("csrc/*/cpu/*.cpp")))
+    cxx = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for's OpenMP pragmas live in headers
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    if with_cuda:
+        if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
+        sources += sorted(glob.glob("csrc/*/cuda/*.cu"))
+        kwargs["include_dirs"] += _pip_cuda_includes()
+        kwargs["define_macros"] = [("WITH_CUDA", None)]
+        kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]}
+        ext = CUDAExtension("sdca._C", sources, **kwargs)
+    else:
+        kwargs["extra_compile_args"] = {"cxx": cxx}
+        ext = CppExtension("sdca._C", sources, **kwargs)
+    print(f"sdca: building the extension with {'CPU and CUDA' if with_cuda else 'CPU'} kernels", flush=True)
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+modules, cmdclass = extension_modules()
+setup(ext_modules=modules, cmdclass=cmdclass)

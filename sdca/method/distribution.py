@@ -69,14 +69,13 @@ class SemanticDistribution:
                                     dtype=self.dtype, device=self.device, check_labels=self.check_labels)
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "SemanticDistribution":
-        self.count = self.count.to(device)
-        self.mean = self.mean.to(device=device, dtype=dtype)
-        self.covariance = self.covariance.to(device=device, dtype=dtype)
+        self.count = self.count.to(device).contiguous()
+        self.mean = self.mean.to(device=device, dtype=dtype).contiguous()
+        self.covariance = self.covariance.to(device=device, dtype=dtype).contiguous()
         return self
 
     # ----------------------------------------------------------------- updates
-    def batch(self, features: torch.Tensor, labels: torch.Tensor) -> "SemanticDistribution":
-        """The statistics of one batch alone, as a new distribution of the same kind."""
+    def _check_batch(self, features: torch.Tensor, labels: torch.Tensor) -> None:
         check_tensor("features", features, ndim=2, floating=True)
         check_tensor("labels", labels, ndim=1, floating=False)
         if features.shape[0] != labels.shape[0]:
@@ -85,10 +84,19 @@ class SemanticDistribution:
             raise ValueError(f"features has dimension {features.shape[1]}, the distribution expects dim={self.dim}")
         if self.check_labels:
             check_labels("labels", labels, self.num_classes, self.ignore_index)
+
+    def batch(self, features: torch.Tensor, labels: torch.Tensor) -> "SemanticDistribution":
+        """The statistics of one batch alone, as a new distribution of the same kind.
+
+        A full covariance from the compiled kernel stays at the features' precision (float32 for float32
+        features) until :meth:`merge` converts it class by class; counts, means and diagonal variances are
+        accumulated in float64.
+        """
+        self._check_batch(features, labels)
         out = self.empty_like()
-        count, mean, cov = ops.class_moments(features.to(self.device), labels.to(self.device), self.num_classes,
-                                             self.full, self.ignore_index, self.dtype)
-        out.count, out.mean, out.covariance = count, mean, cov
+        out.count, out.mean, out.covariance = ops.class_moments(
+            features.to(self.device), labels.to(self.device), self.num_classes, self.full, self.ignore_index,
+            self.dtype)
         return out
 
     def update(self, features: torch.Tensor, labels: torch.Tensor, *, sync: bool = False,
@@ -99,10 +107,13 @@ class SemanticDistribution:
         ranks are pooled first, so every rank merges the global batch and all
         ranks keep identical statistics.
         """
-        batch = self.batch(features, labels)
-        if sync:
-            batch.all_reduce(group)
-        return self.merge(batch)
+        if sync and dist.is_available() and dist.is_initialized():
+            return self.merge(self.batch(features, labels).all_reduce(group))
+        self._check_batch(features, labels)
+        # One fused kernel: batch moments and the merge, no K x A x A temporary.
+        ops.update_statistics(self.count, self.mean, self.covariance, features.to(self.device),
+                              labels.to(self.device), self.ignore_index)
+        return self
 
     def merge(self, other: "SemanticDistribution") -> "SemanticDistribution":
         """Pool ``other`` into ``self``, as if ``self`` had also seen ``other``'s pixels (Eq. 3-4)."""
@@ -113,25 +124,7 @@ class SemanticDistribution:
                 "other has (num_classes, dim, covariance) = "
                 f"{(other.num_classes, other.dim, other.covariance_type)}, expected "
                 f"{(self.num_classes, self.dim, self.covariance_type)}")
-        present = torch.nonzero(other.count > 0).flatten()
-        if present.numel() == 0:
-            return self
-        n = self.count[present].to(self.dtype)
-        m = other.count[present].to(device=self.device, dtype=self.dtype)
-        total = n + m
-        a = (n / total).unsqueeze(1)
-        b = (m / total).unsqueeze(1)
-        mu_old = self.mean[present]
-        delta = other.mean[present].to(device=self.device, dtype=self.dtype) - mu_old
-        cov_other = other.covariance[present].to(device=self.device, dtype=self.dtype)
-        if self.full:
-            a3, b3 = a.unsqueeze(2), b.unsqueeze(2)
-            cov = a3 * self.covariance[present] + b3 * cov_other + (a3 * b3) * (delta.unsqueeze(2) * delta.unsqueeze(1))
-        else:
-            cov = a * self.covariance[present] + b * cov_other + (a * b) * delta * delta
-        self.mean[present] = mu_old + b * delta
-        self.covariance[present] = cov
-        self.count[present] += other.count[present].to(self.device)
+        ops.merge_moments(self.count, self.mean, self.covariance, other.count, other.mean, other.covariance)
         return self
 
     def all_reduce(self, group=None) -> "SemanticDistribution":
@@ -189,9 +182,11 @@ class SemanticDistribution:
         if state.get("covariance_type", self.covariance_type) != self.covariance_type:
             raise ValueError(f"state_dict['covariance_type'] is {state['covariance_type']!r}, "
                              f"expected {self.covariance_type!r}")
-        self.count = state["count"].to(device=self.device, dtype=torch.int64).clone()
-        self.mean = state["mean"].to(device=self.device, dtype=self.dtype).clone()
-        self.covariance = state["covariance"].to(device=self.device, dtype=self.dtype).clone()
+        # Contiguous copies: the update kernel writes the statistics in place.
+        fmt = torch.contiguous_format
+        self.count = state["count"].to(device=self.device, dtype=torch.int64).clone(memory_format=fmt)
+        self.mean = state["mean"].to(device=self.device, dtype=self.dtype).clone(memory_format=fmt)
+        self.covariance = state["covariance"].to(device=self.device, dtype=self.dtype).clone(memory_format=fmt)
         return self
 
     @classmethod

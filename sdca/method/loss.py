@@ -57,20 +57,18 @@ def sdca_loss(features: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, 
 
     acc = accumulation_dtype(features)
     with torch.autocast(device_type=features.device.type, enabled=False):
-        q = features.to(acc)
-        mean = mean.detach().to(device=q.device, dtype=acc)
-        covariance = covariance.detach().to(device=q.device, dtype=acc)
-        labels = labels.to(q.device)
+        # features keep their dtype: the kernels convert per tile, so no full-size float32 copy is made.
+        mean = mean.detach().to(device=features.device, dtype=acc)
+        covariance = covariance.detach().to(device=features.device, dtype=acc)
+        labels = labels.to(features.device)
         if variant == "reference":
             if covariance.dim() != 2:
                 raise ValueError("variant='reference' reproduces the public code, which keeps diagonal variances: "
                                  f"covariance must have shape {tuple(mean.shape)}, got {tuple(covariance.shape)}")
-            q = F.normalize(q, dim=1)
             mean = F.normalize(mean, dim=1)
             covariance = F.normalize(covariance, dim=1)
-        elif normalize:
-            q = F.normalize(q, dim=1)
-        per_pixel = ops.closed_form_loss(q, labels, mean, covariance, tau, ignore_index)
+            normalize = True
+        per_pixel = ops.closed_form_loss(features, labels, mean, covariance, tau, normalize, ignore_index)
         # Ignored pixels contribute exactly 0 (value and gradient), so summing all
         # N and dividing by the labelled count needs no host sync.
         n_valid = (labels != ignore_index).sum().clamp_min(1)

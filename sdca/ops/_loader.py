@@ -1,4 +1,4 @@
-"""Loads the compiled extension once and says which backends it brings."""
+"""Loads the compiled extension once, registers its autograd and fake kernels, and says which backends it brings."""
 from __future__ import annotations
 
 import functools
@@ -25,6 +25,7 @@ def has_ops() -> bool:
             stacklevel=3,
         )
         return False
+    from . import _registrations  # noqa: F401  (autograd + fake kernels, only once the ops exist)
     return True
 
 
@@ -38,7 +39,7 @@ def backends() -> dict:
     """Which devices the extension has kernels for, e.g. ``{"extension": True, "devices": ("cpu", "cuda")}``."""
     if not has_ops():
         return {"extension": False, "devices": ()}
-    devices = ["cpu"]
-    if bool(torch.ops.sdca._cuda_built()):
-        devices.append("cuda")
-    return {"extension": True, "devices": tuple(devices)}
+    from sdca import _C
+
+    devices = ("cpu", "cuda") if _C.WITH_CUDA else ("cpu",)
+    return {"extension": True, "devices": devices}
