@@ -1,0 +1,88 @@
+"""Our checkpoint format, atomic writes, and load_model for every checkpoint kind we support."""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Optional
+
+import torch
+
+from .._version import __version__
+from .deeplab import DeepLabV2, ModelInfo
+from .registry import model_from_info
+from .weights import import_public_checkpoint, is_public_checkpoint
+
+FORMAT = "sdca-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save to a temporary file beside ``path``, fsync, then rename over it: a crash mid-write never
+    leaves a truncated file where a good one was."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str, model: DeepLabV2, *, config: Optional[dict] = None,
+                    statistics: Optional[dict] = None, optimizer: Optional[dict] = None,
+                    scheduler: Optional[dict] = None, step: Optional[int] = None, extra: Optional[dict] = None) -> None:
+    """Weights + model info (classes, palette, normalisation) + resolved config + semantic statistics +
+    optimizer / scheduler / step for resume, written atomically."""
+    module = model.module if hasattr(model, "module") else model
+    payload = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "sdca_version": __version__,
+        "model": {"info": module.info.to_dict(), "state_dict": module.state_dict()},
+        "config": config, "statistics": statistics, "optimizer": optimizer, "scheduler": scheduler,
+        "step": step, "extra": extra or {},
+    }
+    atomic_save(payload, path)
+
+
+def read_checkpoint(path: str) -> dict:
+    """The raw checkpoint dict of any supported kind; a clear error for anything else."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def load_model(path: str, *, num_classes: Optional[int] = None, device="cpu") -> DeepLabV2:
+    """A ready model in eval mode from our checkpoints or a public SDCA release file.
+
+    The model carries ``model.info`` (class names, palette, input normalisation, training size).
+    ``num_classes``, when given, must match the checkpoint.
+    """
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
+        info = ModelInfo.from_dict(ckpt["model"]["info"])
+        if num_classes is not None and info.num_classes != num_classes:
+            raise ValueError(f"{path}: the checkpoint predicts {info.num_classes} classes, expected {num_classes}")
+        model = model_from_info(info)
+        try:
+            model.load_state_dict(ckpt["model"]["state_dict"], strict=True)
+        except RuntimeError as exc:
+            raise ValueError(f"{path}: weights do not match {info.arch}: {exc}") from None
+    elif is_public_checkpoint(ckpt):
+        model, _ = import_public_checkpoint(ckpt, num_classes=num_classes, source_name=path)
+    else:
+        kind = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"dict with keys {sorted(ckpt)[:5]}"
+        raise ValueError(f"{path}: neither an sdca checkpoint nor a public SDCA checkpoint ({kind})")
+    return model.to(device).eval()
