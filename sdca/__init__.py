@@ -1,12 +1,31 @@
-"""sdca: domain-adaptive semantic segmentation with semantic distribution-aware contrastive adaptation."""
-from ._version import __version__
-from .method import (SemanticDistribution, StreamingClassMedian, class_median_thresholds,
-                     estimate_semantic_distribution, lovasz_softmax, pseudo_labels, sdca_loss, target_mask)
-from .metrics import ConfusionMatrix, PixelDiscrimination, mean_iou, pdd, tail_classes
-from .models import build_model, load_model
+"""sdca: domain-adaptive semantic segmentation with semantic distribution-aware contrastive adaptation.
 
-__all__ = [
-    "__version__", "SemanticDistribution", "estimate_semantic_distribution", "sdca_loss", "lovasz_softmax",
-    "target_mask", "class_median_thresholds", "StreamingClassMedian", "pseudo_labels",
-    "ConfusionMatrix", "PixelDiscrimination", "mean_iou", "pdd", "tail_classes", "build_model", "load_model",
-]
+The names below are imported on first use, so that ``sdca --help`` and ``sdca --version`` start without
+loading torch.
+"""
+import importlib
+
+from ._version import __version__
+
+_EXPORTS = {
+    "SemanticDistribution": "sdca.method", "estimate_semantic_distribution": "sdca.method",
+    "sdca_loss": "sdca.method", "lovasz_softmax": "sdca.method", "target_mask": "sdca.method",
+    "class_median_thresholds": "sdca.method", "StreamingClassMedian": "sdca.method", "pseudo_labels": "sdca.method",
+    "ConfusionMatrix": "sdca.metrics", "PixelDiscrimination": "sdca.metrics", "mean_iou": "sdca.metrics",
+    "pdd": "sdca.metrics", "tail_classes": "sdca.metrics",
+    "build_model": "sdca.models", "load_model": "sdca.models",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sdca' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)
