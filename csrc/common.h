@@ -38,6 +38,25 @@ inline void check_loss_inputs(const at::Tensor& q, const at::Tensor& labels, con
               ": all tensors must be on one device");
 }
 
+// The loss kernels' inputs in the layout they read: contiguous q (its own dtype), int64 labels, and mean and
+// covariance converted to the accumulation type.
+struct LossInputs {
+  at::Tensor q, labels, mean, cov;
+  at::ScalarType acc;
+  int64_t N, A, K;
+
+  LossInputs(const at::Tensor& q_, const at::Tensor& labels_, const at::Tensor& mean_, const at::Tensor& cov_)
+      : q(q_.contiguous()),
+        labels(labels_.to(at::kLong).contiguous()),
+        acc(accumulation_type(q_.scalar_type())),
+        N(q_.size(0)),
+        A(q_.size(1)),
+        K(mean_.size(0)) {
+    mean = mean_.to(acc).contiguous();
+    cov = cov_.to(acc).contiguous();
+  }
+};
+
 // Rows per tile so that the per-tile scratch (`floats_per_row` values of acc type per row) stays within
 // `budget_bytes`; at least `min_rows`, at most `n`.
 inline int64_t tile_rows(int64_t n, int64_t floats_per_row, int64_t elem_size, int64_t budget_bytes,

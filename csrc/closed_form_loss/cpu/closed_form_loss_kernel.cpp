@@ -259,12 +259,9 @@ std::tuple<at::Tensor, at::Tensor> closed_form_loss_cpu(const at::Tensor& q, con
                                                         bool compute_grad) {
   check_loss_inputs(q, labels, mean, covariance, tau);
   TORCH_CHECK(q.device().is_cpu(), "sdca::closed_form_loss (CPU kernel): q must be a CPU tensor");
-  const auto acc = accumulation_type(q.scalar_type());
-  const int64_t N = q.size(0), A = q.size(1), K = mean.size(0);
-  const at::Tensor qc = q.contiguous();
-  const at::Tensor lab = labels.to(at::kLong).contiguous();
-  const at::Tensor mean_a = mean.to(acc).contiguous();
-  const at::Tensor cov_a = covariance.to(acc).contiguous();
+  const LossInputs in(q, labels, mean, covariance);
+  const int64_t N = in.N, A = in.A, K = in.K;
+  const at::Tensor &qc = in.q, &lab = in.labels, &mean_a = in.mean, &cov_a = in.cov;
   {
     const int64_t* l = lab.data_ptr<int64_t>();
     for (int64_t r = 0; r < N; ++r)

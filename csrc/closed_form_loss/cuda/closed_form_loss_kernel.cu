@@ -169,12 +169,10 @@ std::tuple<at::Tensor, at::Tensor> closed_form_loss_cuda(const at::Tensor& q, co
   TORCH_CHECK(q.is_cuda(), "sdca::closed_form_loss (CUDA kernel): q must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(q.device());
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  const auto acc = accumulation_type(q.scalar_type());
-  const int64_t N = q.size(0), A = q.size(1), K = mean.size(0);
-  const at::Tensor qc = q.contiguous();
-  const at::Tensor lab = labels.to(at::kLong).contiguous();
-  const at::Tensor mean_a = mean.to(acc).contiguous();
-  const at::Tensor cov_a = covariance.to(acc).contiguous();
+  const LossInputs in(q, labels, mean, covariance);
+  const auto acc = in.acc;
+  const int64_t N = in.N, A = in.A, K = in.K;
+  const at::Tensor &qc = in.q, &lab = in.labels, &mean_a = in.mean, &cov_a = in.cov;
   at::Tensor loss = at::zeros({N}, mean_a.options());
   at::Tensor grad = compute_grad ? at::zeros({N, A}, mean_a.options()) : at::empty({0}, mean_a.options());
   const at::Tensor valid_idx = lab.ne(ignore_index).nonzero().flatten();
