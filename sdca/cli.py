@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
 from ._version import __version__
+
+STAGE_NAMES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
+DATA_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -26,6 +30,171 @@ def doctor(as_json: bool):
 
     info = collect()
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
+
+
+def _config(config, overrides, **direct):
+    from .engine import ConfigError, load_config
+
+    try:
+        return load_config(config, list(overrides), **direct)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--set / CONFIG") from None
+
+
+@main.command()
+@click.argument("config", required=False)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value, e.g. --set solver.adapt.iters=1000 (repeatable).")
+@click.option("--stage", "stages", multiple=True, type=click.Choice(STAGE_NAMES),
+              help="Run only these stages (repeatable); default: all five in order.")
+@click.option("--name", help="Run name: outputs go to OUTPUT_DIR/NAME (default: the config's name).")
+@click.option("--output-dir", help="Folder that holds the runs (default: runs).")
+@click.option("--init", "init_checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Checkpoint the first stage starts from (ours or a public SDCA release file).")
+@click.option("--no-pretrained", is_flag=True, help="Train the source stage from scratch, without ImageNet weights.")
+@click.option("--amp", type=click.Choice(["fp16", "bf16"]), help="Mixed precision (fp16 on CUDA, bf16 on CUDA or CPU).")
+@click.option("--device", help="auto (default), cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretrained, amp, device, quiet):
+    """Run the SDCA pipeline: source -> init-stats -> adapt -> pseudo-label -> self-train.
+
+    CONFIG is a YAML file or a packaged preset (gta5_cityscapes_r101, gta5_cityscapes_vgg16,
+    synthia_cityscapes_r101, synthia_cityscapes_vgg16, cityscapes_crosscity_r101, default). Every stage
+    resumes from its last checkpoint if interrupted, and a finished stage is skipped, so rerunning the same
+    command continues a run. Under torchrun (`torchrun --nproc-per-node N -m sdca train ...`) each process
+    takes its share of every batch.
+    """
+    from .engine import Interrupted, Runner
+
+    direct = {}
+    if name:
+        direct["name"] = name
+    if output_dir:
+        direct["output_dir"] = output_dir
+    if amp:
+        direct["amp"] = amp
+    if device:
+        direct["device"] = device
+    if no_pretrained:
+        direct["model"] = {"no_pretrained": True}
+    if stages:
+        direct["stages"] = list(stages)
+    cfg = _config(config, overrides, **direct)
+    try:
+        runner = Runner(cfg, progress=not quiet, init_checkpoint=init_checkpoint)
+        result = runner.train()
+    except Interrupted as exc:
+        click.echo(f"sdca: {exc}", err=True)
+        sys.exit(130 if exc.signal_name == "SIGINT" else 143)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if runner.dist.is_main:
+        click.echo(f"sdca: run {cfg.name} finished stages {', '.join(result['stages'])} in {result['seconds']} s; "
+                   f"outputs in {result['run_dir']}")
+
+
+def _dataset_options(f):
+    options = [
+        click.option("--data", "kind", type=click.Choice(DATA_KINDS), required=True, help="Data set kind."),
+        click.option("--root", required=True, type=click.Path(exists=True, file_okay=False),
+                     help="Data set root (for 'folder': the image folder)."),
+        click.option("--split", default=None, help="Split (cityscapes: train/val; crosscity: train/test)."),
+        click.option("--labels", type=click.Path(exists=True, file_okay=False), help="'folder': the label folder."),
+        click.option("--mapping", type=click.Path(exists=True, dir_okay=False), help="'folder': the mapping YAML."),
+        click.option("--city", help="'crosscity': Rome, Rio, Tokyo or Taipei."),
+        click.option("--list-file", type=click.Path(exists=True, dir_okay=False), help="A split list file."),
+        click.option("--size", nargs=2, type=int, metavar="W H",
+                     help="Resize inputs to this size before the model (default: native size)."),
+        click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
+        click.option("--workers", default=2, show_default=True, help="Data loading processes."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _build(kind, root, split, labels, mapping, city, list_file, num_classes, labelled=True):
+    from .data import build_transform
+    from .engine.builders import build_dataset
+    from .engine.config import DatasetConfig
+
+    default_split = {"cityscapes": "val", "crosscity": "test"}.get(kind, "train")
+    ds = DatasetConfig(kind=kind, root=root, split=split or default_split, labels=labels, mapping=mapping,
+                       city=city, list_file=list_file, labelled=labelled)
+    try:
+        return build_dataset(ds, num_classes, build_transform())
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _load(checkpoint, device):
+    from .engine.builders import resolve_device
+    from .models import load_model
+
+    try:
+        dev = resolve_device(device)
+        return load_model(checkpoint, device=dev), dev
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@_dataset_options
+@click.option("--flip", is_flag=True, help="Average with the horizontally flipped prediction.")
+@click.option("--scales", multiple=True, type=float, help="Multi-scale test: scales of --size (repeatable).")
+@click.option("--pdd", is_flag=True, help="Also report the PDD of Eq. 25 per class (needs statistics in the checkpoint).")
+@click.option("--save-predictions", type=click.Path(file_okay=False), help="Write each prediction as a PNG here.")
+@click.option("--labelid", is_flag=True, help="Write Cityscapes labelIds (for the official evaluation scripts).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
+def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, size, device, workers, flip, scales,
+             pdd, save_predictions, labelid, json_out):
+    """Score CHECKPOINT on a labelled split: per-class IoU, mIoU (and the 13-class mIoU* for 16-class models,
+    tail-class mIoU for 19-class ones). Predictions are resized to each label's resolution."""
+    from ._atomic import atomic_write_text
+    from .data import label_space_for
+    from .engine import evaluate as run_evaluate, format_table
+    from .method import SemanticDistribution
+    from .models import read_checkpoint
+
+    model, dev = _load(checkpoint, device)
+    dataset = _build(kind, root, split, labels, mapping, city, list_file, model.num_classes)
+    stats = None
+    if pdd:
+        raw = read_checkpoint(checkpoint)
+        state = (raw.get("statistics") or {}).get("features") if isinstance(raw, dict) else None
+        if not state:
+            raise click.ClickException(f"{checkpoint} holds no feature statistics, which --pdd needs "
+                                       "(use a checkpoint from init-stats or adapt)")
+        stats = SemanticDistribution.from_state_dict(state)
+    try:
+        subsets = dict(label_space_for(model.num_classes).subsets)
+    except ValueError:
+        subsets = None
+    summary = run_evaluate(model, dataset, device=dev, size=size, scales=scales or (1.0,), flip=flip,
+                           save_dir=save_predictions, labelid_png=labelid, pdd_stats=stats, subsets=subsets,
+                           workers=workers)
+    click.echo(format_table(summary))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(summary, indent=2))
+
+
+@main.command("pseudo-label")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@_dataset_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the label maps.")
+@click.option("--cap", default=0.9, show_default=True, help="Cap on the class thresholds (the public code's 0.9).")
+def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file, size, device, workers, out, cap):
+    """Write Eq. 19 pseudo-labels for every target image: per-class median confidence thresholds over the whole
+    set (exact, streamed), label PNGs (255 below threshold) and thresholds.json with each class's share."""
+    from .engine import generate_pseudo_labels
+
+    model, dev = _load(checkpoint, device)
+    dataset = _build(kind, root, split or "train", labels, mapping, city, list_file, model.num_classes,
+                     labelled=False)
+    report = generate_pseudo_labels(model, dataset, out, device=dev, size=size, cap=cap, workers=workers)
+    click.echo(f"sdca: {report['images']} label maps in {out}; {100 * report['ignored_share']:.1f}% of pixels "
+               "left unlabelled; thresholds in thresholds.json")
 
 
 if __name__ == "__main__":

@@ -91,10 +91,13 @@ class ConfusionMatrix:
         if len(names) != self.num_classes:
             raise ValueError(f"class_names has {len(names)} names, expected {self.num_classes}")
         iou = self.iou()
-        out = {"mIoU": self.miou(), "pixel_accuracy": self.pixel_accuracy(),
-               "IoU": {n: (None if math.isnan(v) else v) for n, v in zip(names, iou.tolist())}}
+
+        def clean(v):  # NaN (nothing to score) becomes None, which JSON can hold
+            return None if v is None or math.isnan(v) else v
+        out = {"mIoU": clean(self.miou()), "pixel_accuracy": clean(self.pixel_accuracy()),
+               "IoU": {n: clean(v) for n, v in zip(names, iou.tolist())}}
         for name, indices in (subsets or {}).items():
-            out[f"mIoU_{name}"] = mean_iou(iou, list(indices))
+            out[f"mIoU_{name}"] = clean(mean_iou(iou, list(indices)))
         return out
 
     def state_dict(self) -> dict:

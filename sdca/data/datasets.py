@@ -101,19 +101,21 @@ def _id_decoder(id_map: Mapping[int, int], reader=read_label) -> Callable[[str],
 class Cityscapes(SegmentationDataset):
     """``leftImg8bit/{split}/{city}/*_leftImg8bit.png`` with ``gtFine/{split}/{city}/*_gtFine_labelIds.png``.
 
-    labelIds are mapped to the 19 trainIds, or to the 16 SYNTHIA classes with ``num_classes=16``.
+    labelIds are mapped to the 19 trainIds, to the 16 SYNTHIA classes (``num_classes=16``) or to the 13
+    Cross-City classes (``num_classes=13``, the Cityscapes -> Cross-City source).
     ``labelled=False`` gives the images alone (the unlabelled target set of adaptation).
     """
 
     def __init__(self, root: str, split: str = "train", *, num_classes: int = 19, list_file: Optional[str] = None,
                  transform=None, labelled: bool = True):
-        if num_classes not in (19, 16):
-            raise ValueError(f"Cityscapes maps to 19 or 16 classes, not {num_classes}")
+        spaces = {19: (CITYSCAPES, CITYSCAPES_LABELID_TO_19), 16: (SYNTHIA_16, CITYSCAPES_LABELID_TO_16),
+                  13: (CROSS_CITY_13, CROSS_CITY_LABELID_TO_13)}
+        if num_classes not in spaces:
+            raise ValueError(f"Cityscapes maps to 19, 16 or 13 classes, not {num_classes}")
         image_root = _require_dir(os.path.join(_require_dir(root, "Cityscapes"), "leftImg8bit", split),
                                   "Cityscapes images")
         names = _select(image_root, "*/*_leftImg8bit.png", list_file)
-        space = CITYSCAPES if num_classes == 19 else SYNTHIA_16
-        id_map = CITYSCAPES_LABELID_TO_19 if num_classes == 19 else CITYSCAPES_LABELID_TO_16
+        space, id_map = spaces[num_classes]
         if labelled:
             label_root = _require_dir(os.path.join(root, "gtFine", split), "Cityscapes labels")
 
@@ -259,6 +261,15 @@ def _colour_decoder(colours: Mapping[Tuple[int, int, int], int]) -> Callable[[st
     return decode
 
 
+class PseudoLabelled(SegmentationDataset):
+    """Target images paired with the label maps ``sdca pseudo-label`` wrote (same relative names, .png)."""
+
+    def __init__(self, image_root: str, names: Sequence[str], label_dir: str, label_space: LabelSpace,
+                 transform=None):
+        items = self.pair(image_root, names, lambda n: os.path.join(label_dir, os.path.splitext(n)[0] + ".png"))
+        super().__init__(image_root, items, read_label, label_space, transform)
+
+
 class ImageFolder(Dataset):
     """Unlabelled frames (a folder, searched recursively, jpg/png/...): the robot's real camera frames.
 
@@ -283,6 +294,7 @@ class ImageFolder(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
+        skipped = []
         for attempt in range(len(self.names)):
             name = self.names[(index + attempt) % len(self.names)]
             try:
@@ -291,9 +303,11 @@ class ImageFolder(Dataset):
                 if self.on_error == "raise":
                     raise
                 self.failures.append((name, str(exc)))
+                skipped.append(name)
                 warnings.warn(f"skipping unreadable frame: {exc}", RuntimeWarning, stacklevel=2)
                 continue
-            return self.transform({"image": image, "name": name})
+            # `skipped` travels with the sample, so a trainer counts failures that happened in worker processes.
+            return self.transform({"image": image, "name": name, "skipped": skipped})
         raise CorruptImageError(f"no readable image in {self.root}")
 
 
@@ -304,4 +318,5 @@ def collate(samples: List[dict]) -> dict:
         out["name"] = [s["name"] for s in samples]
     if all("label" in s for s in samples):
         out["label"] = torch.stack([s["label"] for s in samples])
+    out["skipped"] = [name for s in samples for name in s.get("skipped", ())]
     return out

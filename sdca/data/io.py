@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .._atomic import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -63,19 +64,9 @@ def read_png16_first_channel(path: str) -> np.ndarray:
 
 def write_png(path: str, array: np.ndarray, palette=None) -> None:
     """Write a PNG atomically (temp file + rename); ``palette`` makes a 'P'-mode image of class ids."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     image = Image.fromarray(array)
     if palette is not None:
-        image = image.convert("P") if image.mode != "P" else image
+        # putpalette turns an 'L' image into 'P' keeping every index (convert("P") would re-quantise).
         flat = [v for colour in palette for v in colour]
         image.putpalette(flat + [0] * (768 - len(flat)))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: image.save(f, format="PNG"))

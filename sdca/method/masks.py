@@ -126,9 +126,18 @@ class StreamingClassMedian:
             self._bucket = None
 
 
-def pseudo_labels(logits: torch.Tensor, thresholds: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
-    """Eq. 19's labelling rule: argmax class where its probability is at least that class's threshold."""
-    confidence, prediction = _confidence(logits)
+def pseudo_labels(logits: torch.Tensor, thresholds: torch.Tensor, ignore_index: int = 255,
+                  probabilities: bool = False) -> torch.Tensor:
+    """Eq. 19's labelling rule: argmax class where its probability is at least that class's threshold.
+
+    ``probabilities=True``: ``logits`` already holds softmax probabilities (the exact values the thresholds
+    were computed from, so a pixel at its class's median is kept).
+    """
+    if probabilities:
+        check_tensor("logits", logits, ndim=(2, 3, 4), floating=True)
+        confidence, prediction = logits.detach().max(dim=1)
+    else:
+        confidence, prediction = _confidence(logits)
     thresholds = thresholds.to(device=confidence.device, dtype=confidence.dtype)
     if thresholds.dim() != 1 or thresholds.shape[0] != logits.shape[1]:
         raise ValueError(f"thresholds must have shape ({logits.shape[1]},), got {tuple(thresholds.shape)}")

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Optional
 
 import torch
 
+from .._atomic import atomic_write
 from .._version import __version__
 from .deeplab import DeepLabV2, ModelInfo
 from .registry import model_from_info
@@ -17,26 +17,8 @@ FORMAT_VERSION = 1
 
 
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save to a temporary file beside ``path``, fsync, then rename over it: a crash mid-write never
-    leaves a truncated file where a good one was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """torch.save, atomically (see sdca._atomic)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str, model: DeepLabV2, *, config: Optional[dict] = None,

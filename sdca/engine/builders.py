@@ -1,0 +1,157 @@
+"""Builders with explicit arguments: data sets, resumable sample streams, loaders, model, optimizer."""
+from __future__ import annotations
+
+import random
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data import GTA5, Cityscapes, CrossCity, ImageFolder, LabelledFolder, Synthia, build_transform, collate
+from ..models import build_model
+from .config import Config, DatasetConfig, ModelConfig, StageSolver, SolverConfig
+
+
+def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error: str = "skip") -> Dataset:
+    """The data set a DatasetConfig describes (see the README's data table for the layouts)."""
+    if ds.kind == "gta5":
+        return GTA5(ds.root, num_classes=num_classes, list_file=ds.list_file, transform=transform)
+    if ds.kind == "synthia":
+        return Synthia(ds.root, list_file=ds.list_file, transform=transform)
+    if ds.kind == "cityscapes":
+        return Cityscapes(ds.root, ds.split, num_classes=num_classes, list_file=ds.list_file, transform=transform,
+                          labelled=ds.labelled)
+    if ds.kind == "crosscity":
+        if not ds.city:
+            raise ValueError("a crosscity data set needs city: Rome, Rio, Tokyo or Taipei")
+        return CrossCity(ds.root, ds.city, ds.split, list_file=ds.list_file, transform=transform)
+    if ds.kind == "folder":
+        if not (ds.labels and ds.mapping):
+            raise ValueError("a folder data set needs root (images), labels (folder) and mapping (YAML)")
+        return LabelledFolder(ds.root, ds.labels, ds.mapping, list_file=ds.list_file, transform=transform)
+    if ds.kind == "images":
+        return ImageFolder(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
+    raise ValueError(f"unknown data set kind {ds.kind!r}")
+
+
+def source_transform(cfg: Config):
+    d = cfg.data
+    return build_transform(size=d.source_size, jitter=d.source_jitter, grayscale=d.source_grayscale,
+                           blur=d.source_blur)
+
+
+def target_transform(cfg: Config):
+    return build_transform(size=cfg.data.target_size)
+
+
+def self_train_transform(cfg: Config):
+    d = cfg.data
+    crop = d.self_train_crop or d.target_size
+    return build_transform(size=d.target_size, scale=tuple(d.self_train_scale), crop=crop, flip=True,
+                           jitter=d.source_jitter, grayscale=d.source_grayscale, blur=d.source_blur)
+
+
+# -------------------------------------------------------------------------------------- sample streams
+class SampleStream(Sampler):
+    """An endless, deterministic stream over ``n`` items: (position, index) pairs.
+
+    Epoch e visits a permutation drawn from ``seed + e``; under DDP rank r takes every world-th position, so
+    ranks see disjoint samples. ``start`` skips the first positions of this rank, which is how a resumed run
+    continues exactly where it stopped.
+    """
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world_size: int = 1, start: int = 0):
+        if n == 0:
+            raise ValueError("cannot stream an empty data set")
+        self.n, self.seed, self.rank, self.world_size, self.start = n, seed, rank, world_size, start
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        local = self.start
+        perm_epoch, perm = -1, None
+        while True:
+            pos = local * self.world_size + self.rank
+            epoch = pos // self.n
+            if epoch != perm_epoch:
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+                perm_epoch = epoch
+            yield pos, perm[pos % self.n]
+            local += 1
+
+    def __len__(self) -> int:  # endless; DataLoader only needs something
+        return 2 ** 62
+
+
+class SeededDataset(Dataset):
+    """Random augmentation seeded by the stream position, so a sample is the same whichever worker draws it
+    and whether or not the run was resumed. The caller's RNG states are left untouched."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]) -> dict:
+        pos, index = key
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            sample_seed = (self.seed * 1_000_003 + pos) % (2 ** 31)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed)
+            torch.manual_seed(sample_seed)
+            sample = self.dataset[index]
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        return sample
+
+
+class Stream:
+    """Batches from a SampleStream, counting what was consumed (the resume position)."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
+                 world_size: int = 1, consumed: int = 0):
+        self.batch_size, self.consumed = batch_size, consumed
+        sampler = SampleStream(len(dataset), seed, rank, world_size, start=consumed)
+        self.loader = DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
+                                 num_workers=workers, collate_fn=collate, drop_last=True,
+                                 persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
+        self._it = iter(self.loader)
+
+    def __next__(self) -> dict:
+        batch = next(self._it)
+        self.consumed += self.batch_size
+        return batch
+
+
+# ----------------------------------------------------------------------------------- model, optimizer
+def build_model_from_config(m: ModelConfig, train_size=None, class_names=None, palette=None):
+    pretrained = None if m.no_pretrained else m.pretrained
+    if pretrained is None and not m.no_pretrained and m.arch != "deeplabv2_small":
+        raise ValueError(f"{m.arch} starts from ImageNet weights: set model.pretrained to a local torchvision file "
+                         "(see the README for which file) or pass --no-pretrained to train from scratch")
+    return build_model(m.arch, m.num_classes, bn=m.bn, pretrained=pretrained, width=m.width,
+                       train_size=train_size, class_names=class_names, palette=palette)
+
+
+def build_optimizer(model, solver: SolverConfig, stage: StageSolver) -> torch.optim.SGD:
+    """SGD with momentum and weight decay; the ASPP head at ``head_lr_mult`` x the backbone's learning rate."""
+    module = model.module if hasattr(model, "module") else model
+    backbone, head = module.parameter_groups()
+    groups = [{"params": backbone, "lr": stage.lr, "lr_mult": 1.0},
+              {"params": head, "lr": stage.lr * solver.head_lr_mult, "lr_mult": solver.head_lr_mult}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=stage.lr, momentum=solver.momentum,
+                           weight_decay=solver.weight_decay)
+
+
+def poly_lr(base_lr: float, it: int, max_iter: int, power: float) -> float:
+    return base_lr * max(0.0, 1.0 - it / max(1, max_iter)) ** power
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return device

@@ -1,0 +1,296 @@
+"""The configuration: one dataclass tree, YAML presets shipped with the package, ``a.b=c`` overrides.
+
+Defaults live here only; the CLI and the Python API both read them. Unknown keys are rejected with the
+nearest valid name, values are type-checked before any work starts, and the resolved tree is saved beside
+every run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, List, Optional
+
+import yaml
+
+DATASET_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images")
+STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
+
+
+@dataclass
+class DatasetConfig:
+    """One data set. kind: gta5 | synthia | cityscapes | crosscity | folder (images + labels + mapping YAML) |
+    images (unlabelled folder)."""
+
+    kind: str = "images"
+    root: str = ""
+    split: str = "train"
+    list_file: Optional[str] = None
+    labels: Optional[str] = None  # folder kind: the label folder
+    mapping: Optional[str] = None  # folder kind: the YAML mapping
+    city: Optional[str] = None  # crosscity kind
+    labelled: bool = True  # cityscapes kind: False for the unlabelled target set
+
+
+@dataclass
+class DataConfig:
+    source: DatasetConfig = field(default_factory=lambda: DatasetConfig(kind="gta5"))
+    target: DatasetConfig = field(default_factory=lambda: DatasetConfig(kind="cityscapes", labelled=False))
+    val: Optional[DatasetConfig] = None
+    source_size: List[int] = field(default_factory=lambda: [1280, 720])  # (width, height)
+    target_size: List[int] = field(default_factory=lambda: [1024, 512])
+    source_jitter: bool = True  # the public source policy: colour jitter, grayscale 0.2, 3x3 blur
+    source_grayscale: float = 0.2
+    source_blur: bool = True
+    self_train_scale: List[float] = field(default_factory=lambda: [0.5, 1.5])
+    self_train_crop: Optional[List[int]] = None  # (width, height); None: the target size
+    batch_size: int = 1  # per domain, per process
+    workers: int = 2
+    on_corrupt: str = "skip"  # unlabelled frames that cannot be read: skip (counted) | raise
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "deeplabv2_resnet101"
+    num_classes: int = 19
+    bn: str = "frozen"
+    pretrained: Optional[str] = None  # a local torchvision ImageNet file; None with no_pretrained
+    no_pretrained: bool = False
+    width: int = 16  # deeplabv2_small only
+
+
+@dataclass
+class StageSolver:
+    iters: int = 1000
+    lr: float = 2.5e-4
+    schedule_iters: Optional[int] = None  # poly schedule length (the public code stops early): None = iters
+
+
+@dataclass
+class SolverConfig:
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    head_lr_mult: float = 10.0
+    power: float = 0.9
+    source: StageSolver = field(default_factory=lambda: StageSolver(iters=20000, lr=5e-4, schedule_iters=31250))
+    adapt: StageSolver = field(default_factory=lambda: StageSolver(iters=40000, lr=2.5e-4, schedule_iters=62500))
+    self_train: StageSolver = field(default_factory=lambda: StageSolver(iters=20000, lr=5e-4))
+    checkpoint_period: int = 1000
+    log_period: int = 20
+    eval_period: int = 0  # 0: evaluate the val set only at the end of a stage
+
+
+@dataclass
+class MethodConfig:
+    variant: str = "paper"  # paper | reference (the public code's formula, to reproduce published numbers)
+    covariance: str = "full"  # full | diag
+    tau: float = 0.1
+    delta: float = 0.9  # Eq. 5 target confidence threshold
+    lambda_lov: float = 0.75
+    lambda_feat: float = 1.0
+    lambda_out: float = 1.0
+    multi_level: bool = True  # the output-level loss L_out
+    threshold_cap: float = 0.9  # Eq. 19 thresholds are capped here, as in the public code
+    self_train_from_imagenet: bool = False  # the public script restarts self-training from ImageNet weights
+    adapt_bn: str = "frozen"  # batch norm during adaptation: frozen | train
+
+
+@dataclass
+class EvalConfig:
+    size: Optional[List[int]] = None  # (width, height) the input is resized to; None: the target size
+    flip: bool = False
+    scales: List[float] = field(default_factory=lambda: [1.0])
+    pdd: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: Optional[str] = None  # fp16 | bf16
+    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def run_dir(self) -> str:
+        return os.path.join(self.output_dir, self.name)
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+# ------------------------------------------------------------------------------------------ conversion
+def _fields(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp):
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Union and type(None) in args:
+        return next(a for a in args if a is not type(None)), True
+    return tp, False
+
+
+def _convert(value: Any, tp, key: str):
+    tp, optional = _unwrap_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key} may not be empty")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return _from_dict(tp, value, key)
+    origin = typing.get_origin(tp)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _unknown(key: str, name: str, valid) -> ConfigError:
+    close = difflib.get_close_matches(name, list(valid), n=1)
+    hint = f"; did you mean {key.rsplit('.', 1)[0] + '.' if '.' in key else ''}{close[0]}?" if close else ""
+    return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(sorted(valid))})")
+
+
+def _from_dict(cls, data: dict, prefix: str = ""):
+    fields = _fields(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in fields:
+            raise _unknown(key, name, fields)
+        kwargs[name] = _convert(value, fields[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+# -------------------------------------------------------------------------------------------- presets
+def presets() -> List[str]:
+    return sorted(p.name[:-5] for p in resources.files("sdca.engine.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(source: str) -> dict:
+    if os.path.isfile(source):
+        path, text = source, open(source).read()
+    elif source in presets():
+        path, text = f"preset {source}", resources.files("sdca.engine.presets").joinpath(source + ".yaml").read_text()
+    else:
+        raise ConfigError(f"{source!r} is neither a config file nor a preset (presets: {', '.join(presets())})")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("base", None)  # a preset may build on another
+    return _merge(_read_yaml(base), data) if base else data
+
+
+def parse_override(text: str) -> dict:
+    """``a.b=c`` -> {'a': {'b': c}} with c parsed as YAML (so 3, 0.5, true, [1, 2], null work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value, e.g. solver.adapt.iters=100")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    out: dict = {}
+    node = out
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def load_config(source: Optional[str] = None, overrides: Optional[List[str]] = None, **direct) -> Config:
+    """Defaults <- preset or YAML file <- ``direct`` (nested dicts) <- ``a.b=c`` overrides, then validated."""
+    data: dict = _read_yaml(source) if source else {}
+    data = _merge(data, direct)
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
+    cfg = _from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from ..models.registry import ARCHS
+
+    def check(ok: bool, key: str, message: str):
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    check(cfg.model.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {cfg.model.arch!r}")
+    check(cfg.model.bn in ("frozen", "train", "sync"), "model.bn", f"must be frozen, train or sync")
+    check(cfg.model.num_classes >= 2, "model.num_classes", "must be at least 2")
+    check(cfg.method.variant in ("paper", "reference"), "method.variant", "must be paper or reference")
+    check(cfg.method.covariance in ("full", "diag"), "method.covariance", "must be full or diag")
+    check(not (cfg.method.variant == "reference" and cfg.method.covariance == "full"), "method.covariance",
+          "the reference variant keeps diagonal variances, as the public code; use diag")
+    check(cfg.method.tau > 0, "method.tau", "must be positive")
+    check(0 <= cfg.method.delta <= 1, "method.delta", "must lie in [0, 1]")
+    check(cfg.method.adapt_bn in ("frozen", "train"), "method.adapt_bn", "must be frozen or train")
+    check(cfg.amp in (None, "fp16", "bf16"), "amp", "must be fp16, bf16 or empty")
+    check(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
+    check(cfg.data.workers >= 0, "data.workers", "must be at least 0")
+    check(cfg.data.on_corrupt in ("skip", "raise"), "data.on_corrupt", "must be skip or raise")
+    for key in ("source_size", "target_size"):
+        size = getattr(cfg.data, key)
+        check(len(size) == 2 and all(s > 0 for s in size), f"data.{key}", "must be [width, height]")
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    check(not unknown, "stages", f"unknown stage {unknown[0] if unknown else ''}; stages: {', '.join(STAGES)}")
+    for name in ("source", "target"):
+        ds = getattr(cfg.data, name)
+        check(ds.kind in DATASET_KINDS, f"data.{name}.kind", f"must be one of {', '.join(DATASET_KINDS)}")
+    for stage in ("source", "adapt", "self_train"):
+        s = getattr(cfg.solver, stage)
+        check(s.iters >= 0, f"solver.{stage}.iters", "must be at least 0")
+        check(s.lr > 0, f"solver.{stage}.lr", "must be positive")
+
+
+def save_config(cfg: Config, path: str) -> None:
+    from .._atomic import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -1,0 +1,192 @@
+"""The training loop: one step function, everything else a hook (detectron2's engine, reduced).
+
+A hook may carry state (``state_dict`` / ``load_state_dict``) that goes into the checkpoint, so LR schedule,
+logging, checkpointing and signal handling compose instead of piling into one loop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite; the message names the step and the term."""
+
+
+class StopRequested(Exception):
+    pass
+
+
+class HookBase:
+    trainer: "TrainLoop" = None
+
+    def before_train(self):
+        pass
+
+    def before_step(self):
+        pass
+
+    def after_step(self):
+        pass
+
+    def after_train(self):
+        pass
+
+
+class TrainLoop:
+    """Runs ``step.run_step(iteration)`` from ``start_iter`` to ``max_iter`` between the hooks' calls.
+
+    ``step.run_step`` returns the loss terms of the iteration as floats. A stop requested by a signal ends
+    the loop after the current step (the checkpoint hook saves first); ``stopped_by`` then names the signal.
+    """
+
+    def __init__(self, step, hooks: List[HookBase], max_iter: int, start_iter: int = 0):
+        self.step, self.hooks, self.max_iter, self.iter = step, hooks, max_iter, start_iter
+        self.start_iter = start_iter
+        self.losses: Dict[str, float] = {}
+        self.stop_requested: Optional[str] = None
+        self.stopped_by: Optional[str] = None
+        self.failed = False
+
+    @property
+    def done(self) -> bool:
+        return self.iter >= self.max_iter
+
+    def train(self) -> None:
+        for hook in self.hooks:
+            hook.trainer = self
+        for hook in self.hooks:
+            hook.before_train()
+        try:
+            while self.iter < self.max_iter and self.stop_requested is None:
+                for hook in self.hooks:
+                    hook.before_step()
+                self.losses = self.step.run_step(self.iter)
+                self.iter += 1
+                for hook in self.hooks:
+                    hook.after_step()
+            self.stopped_by = self.stop_requested
+        except BaseException:
+            self.failed = True
+            raise
+        finally:
+            for hook in self.hooks:
+                hook.after_train()
+
+
+def check_finite(losses: Dict[str, torch.Tensor], iteration: int) -> None:
+    """Raise NonFiniteLoss naming the step and the first non-finite term (before any weight is changed)."""
+    for name, value in losses.items():
+        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+        if not math.isfinite(v):
+            raise NonFiniteLoss(f"loss term {name} is {v} at step {iteration + 1}; the run stopped before the "
+                                "update, and the last checkpoint holds the last good weights")
+
+
+class LRSchedule(HookBase):
+    """Poly schedule: lr = base x (1 - it / schedule_iters) ^ power, per parameter group (with its multiplier)."""
+
+    def __init__(self, optimizer, base_lr: float, schedule_iters: int, power: float):
+        self.optimizer, self.base_lr, self.schedule_iters, self.power = optimizer, base_lr, schedule_iters, power
+
+    def before_step(self):
+        factor = max(0.0, 1.0 - self.trainer.iter / max(1, self.schedule_iters)) ** self.power
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.base_lr * group.get("lr_mult", 1.0) * factor
+
+
+class SignalHandler(HookBase):
+    """SIGINT / SIGTERM request a stop after the current step instead of killing the process mid-write."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled, self.previous = enabled, {}
+
+    def before_train(self):
+        if not self.enabled:
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        if self.trainer.stop_requested is not None:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        self.trainer.stop_requested = signal.Signals(signum).name
+
+    def after_train(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+class Checkpointer(HookBase):
+    """Saves ``last.pt`` every ``period`` steps, when a stop is requested, and at the end (atomic writes)."""
+
+    def __init__(self, save_fn, period: int, enabled: bool = True):
+        self.save_fn, self.period, self.enabled = save_fn, period, enabled
+        self.last_saved: Optional[int] = None
+
+    def after_step(self):
+        t = self.trainer
+        if self.enabled and (t.iter % self.period == 0 or t.stop_requested is not None or t.done):
+            self.save_fn(t.iter)
+            self.last_saved = t.iter
+
+
+class MetricsLogger(HookBase):
+    """A progress bar with ETA and the loss terms, one JSON line per ``period`` steps, TensorBoard if present."""
+
+    def __init__(self, path: Optional[str], stage: str, period: int, enabled: bool = True, tensorboard_dir=None):
+        self.path, self.stage, self.period, self.enabled = path, stage, period, enabled
+        self.tensorboard_dir, self.writer, self.bar, self.sums, self.count = tensorboard_dir, None, None, {}, 0
+
+    def before_train(self):
+        if not self.enabled:
+            return
+        from tqdm.auto import tqdm
+
+        t = self.trainer
+        self.bar = tqdm(total=t.max_iter, initial=t.iter, desc=self.stage, dynamic_ncols=True, leave=True)
+        self.start = time.time()
+        if self.tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(self.tensorboard_dir)
+            except ImportError:  # tensorboard is optional
+                self.writer = None
+
+    def after_step(self):
+        if not self.enabled:
+            return
+        t = self.trainer
+        for k, v in t.losses.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.count += 1
+        self.bar.update(1)
+        if t.iter % self.period == 0 or t.done or t.stop_requested:
+            means = {k: v / self.count for k, v in self.sums.items()}
+            self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()})
+            record = {"stage": self.stage, "step": t.iter, **means, "time": round(time.time() - self.start, 2)}
+            if self.path:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            if self.writer is not None:
+                for k, v in means.items():
+                    self.writer.add_scalar(f"{self.stage}/{k}", v, t.iter)
+            self.sums, self.count = {}, 0
+
+    def after_train(self):
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()

@@ -1,0 +1,366 @@
+"""The pipeline: source -> init-stats -> adapt -> pseudo-label -> self-train, each stage resumable.
+
+Run folder (``runs/NAME/``): ``config.yaml`` (resolved), ``metrics.jsonl``, ``log.txt``, and one folder per
+stage: ``last.pt`` (written atomically every checkpoint period and on SIGINT/SIGTERM), ``final.pt`` when the
+stage is done (a later stage starts from it; a done stage is skipped), ``best.pt`` (best val mIoU), and for
+pseudo-label the label maps and ``thresholds.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import time
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate
+from ..method import SemanticDistribution, downsample_labels
+from ..models import load_model, read_checkpoint, save_checkpoint, set_batchnorm_mode
+from .builders import (Stream, build_dataset, build_model_from_config, build_optimizer, resolve_device,
+                       self_train_transform, source_transform, target_transform)
+from .config import Config, save_config, to_dict
+from .distributed import DistInfo, barrier, init_distributed
+from .evaluator import evaluate, format_table
+from .loop import Checkpointer, HookBase, LRSchedule, MetricsLogger, SignalHandler, TrainLoop
+from .pseudo_label import generate_pseudo_labels
+from .steps import AdaptStep, SupervisedStep, pixel_rows
+
+log = logging.getLogger("sdca")
+STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5}
+
+
+class Interrupted(Exception):
+    """A stage stopped on SIGINT/SIGTERM after saving its checkpoint; rerun the same command to resume."""
+
+    def __init__(self, signal_name: str, checkpoint: str):
+        super().__init__(f"stopped by {signal_name}; saved {checkpoint}. Run the same command again to resume.")
+        self.signal_name, self.checkpoint = signal_name, checkpoint
+
+
+class EvalHook(HookBase):
+    """Evaluates the val set every ``period`` steps (and at the end); keeps ``best.pt`` by mIoU."""
+
+    def __init__(self, runner: "Runner", stage: str, model, period: int, save_best):
+        self.runner, self.stage, self.model, self.period, self.save_best = runner, stage, model, period, save_best
+        self.best = -1.0
+
+    def _run(self):
+        summary = self.runner.evaluate_val(self.model, self.stage, self.trainer.iter)
+        if summary is not None and (summary["mIoU"] or 0.0) > self.best and self.runner.dist.is_main:
+            self.best = summary["mIoU"]
+            self.save_best(self.trainer.iter)
+        self.model.train()
+
+    def after_step(self):
+        t = self.trainer
+        if self.period > 0 and t.iter % self.period == 0 and not t.done:
+            self._run()
+
+    def after_train(self):
+        t = self.trainer
+        if t.done and not t.failed:
+            self._run()
+
+
+class Runner:
+    def __init__(self, cfg: Config, *, progress: bool = True, init_checkpoint: Optional[str] = None):
+        self.cfg, self.progress, self.init_checkpoint = cfg, progress, init_checkpoint
+        self.device = resolve_device(cfg.device)
+        self.dist: DistInfo = init_distributed(self.device.type)
+        if self.dist.enabled and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.run_dir = cfg.run_dir
+        if self.dist.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
+            handler = logging.FileHandler(os.path.join(self.run_dir, "log.txt"))
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            log.addHandler(handler)
+            log.setLevel(logging.INFO)
+        self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl") if self.dist.is_main else None
+        self._first_stage = cfg.stages[0] if cfg.stages else None
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def stage_dir(self, stage: str) -> str:
+        return os.path.join(self.run_dir, stage)
+
+    def final_path(self, stage: str) -> str:
+        if stage == "pseudo-label":
+            return os.path.join(self.stage_dir(stage), "thresholds.json")
+        return os.path.join(self.stage_dir(stage), "final.pt")
+
+    def _record(self, record: dict) -> None:
+        if self.metrics_path:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _seed(self, offset: int = 0) -> None:
+        seed = self.cfg.seed + 1000 * self.dist.rank + offset
+        random.seed(seed)
+        np.random.seed(seed % (2 ** 32))
+        torch.manual_seed(seed)
+
+    def _input_checkpoint(self, stage: str) -> str:
+        previous = {"init-stats": "source", "adapt": "init-stats", "pseudo-label": "adapt", "self-train": "adapt"}
+        if self.init_checkpoint and stage == self._first_stage:
+            return self.init_checkpoint
+        path = self.final_path(previous[stage])
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"stage {stage} starts from {path}, which does not exist: run stage "
+                                    f"{previous[stage]} first, or pass --init CHECKPOINT")
+        return path
+
+    @staticmethod
+    def _rng_state() -> dict:
+        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    @staticmethod
+    def _set_rng_state(state: dict) -> None:
+        random.setstate(state["python"])
+        np.random.set_state(state["numpy"])
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+    def _dataset(self, which: str, transform, labelled_required: bool = False):
+        ds_cfg = getattr(self.cfg.data, which)
+        dataset = build_dataset(ds_cfg, self.cfg.model.num_classes, transform, self.cfg.data.on_corrupt)
+        if labelled_required and isinstance(dataset, ImageFolder):
+            raise ValueError(f"data.{which} must be labelled (kind {ds_cfg.kind!r} has no labels)")
+        return dataset
+
+    def evaluate_val(self, model, stage: str, step: int) -> Optional[dict]:
+        if self.cfg.data.val is None:
+            return None
+        val = self._val_dataset()
+        size = self.cfg.eval.size or self.cfg.data.target_size
+        summary = evaluate(model, val, device=self.device, size=size, scales=self.cfg.eval.scales,
+                           flip=self.cfg.eval.flip, subsets=self._subsets(), dist_info=self.dist,
+                           progress=self.progress)
+        if self.dist.is_main:
+            log.info("%s step %d:\n%s", stage, step, format_table(summary))
+            self._record({"stage": stage, "step": step, "eval": summary})
+        return summary
+
+    def _val_dataset(self):
+        return build_dataset(self.cfg.data.val, self.cfg.model.num_classes, build_transform(),
+                             self.cfg.data.on_corrupt)
+
+    def _subsets(self):
+        from ..data import label_space_for
+
+        try:
+            return dict(label_space_for(self.cfg.model.num_classes).subsets)
+        except ValueError:
+            return None
+
+    # ------------------------------------------------------------------------------------------- train
+    def train(self, stages: Optional[List[str]] = None) -> dict:
+        stages = list(stages or self.cfg.stages)
+        self._first_stage = stages[0] if stages else None
+        start = time.time()
+        for stage in stages:
+            if os.path.isfile(self.final_path(stage)):
+                log.info("stage %s: done already (%s), skipped", stage, self.final_path(stage))
+                if self.dist.is_main and self.progress:
+                    print(f"sdca: stage {stage} already done ({self.final_path(stage)}), skipped", flush=True)
+                continue
+            # Seeded per stage, before any model is built, so that a stage's result depends on the config only.
+            self._seed(STAGE_SEEDS[stage])
+            getattr(self, "run_" + stage.replace("-", "_"))()
+            barrier(self.dist)
+        result = {"run_dir": self.run_dir, "stages": stages, "seconds": round(time.time() - start, 1)}
+        if self.dist.is_main:
+            self._record({"summary": result})
+        return result
+
+    def _train_stage(self, stage: str, model, solver, make_step, statistics=None) -> None:
+        """Shared by source, adapt and self-train: optimizer, resume, hooks, loop, final checkpoint."""
+        cfg = self.cfg
+        folder = self.stage_dir(stage)
+        last = os.path.join(folder, "last.pt")
+        optimizer = build_optimizer(model, cfg.solver, solver)
+        start, consumed, step_state = 0, {}, {}
+        if os.path.isfile(last):
+            ckpt = read_checkpoint(last)
+            model.load_state_dict(ckpt["model"]["state_dict"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start = int(ckpt["step"])
+            consumed = ckpt["extra"].get("consumed", {})
+            step_state = ckpt["extra"].get("step_state", {})
+            if statistics is not None:
+                for key, dist_ in statistics.items():
+                    dist_.load_state_dict(ckpt["statistics"][key])
+            self._set_rng_state(ckpt["extra"]["rng"])
+            log.info("stage %s: resuming from %s at step %d", stage, last, start)
+        step = make_step(optimizer, consumed)
+        step.load_state_dict(step_state)
+
+        def save(path, iteration):
+            save_checkpoint(path, model, config=to_dict(cfg),
+                            statistics={k: v.state_dict() for k, v in (statistics or {}).items()},
+                            optimizer=optimizer.state_dict(), step=iteration,
+                            extra={"stage": stage, "consumed": step.consumed(), "rng": self._rng_state(),
+                                   "step_state": step.state_dict()})
+
+        main = self.dist.is_main
+        hooks = [LRSchedule(optimizer, solver.lr, solver.schedule_iters or solver.iters, cfg.solver.power),
+                 SignalHandler(),
+                 Checkpointer(lambda it: save(last, it), cfg.solver.checkpoint_period, enabled=main),
+                 MetricsLogger(self.metrics_path, stage, cfg.solver.log_period, enabled=main and self.progress,
+                               tensorboard_dir=os.path.join(self.run_dir, "tensorboard")),
+                 EvalHook(self, stage, model, cfg.solver.eval_period,
+                          lambda it: save(os.path.join(folder, "best.pt"), it))]
+        model.train()
+        loop = TrainLoop(step, hooks, solver.iters, start)
+        loop.train()
+        if loop.stopped_by:
+            raise Interrupted(loop.stopped_by, last)
+        if main:
+            save(os.path.join(folder, "final.pt"), loop.iter)
+            if cfg.data.val is None:  # no val set: the final weights are the best we know
+                shutil.copyfile(os.path.join(folder, "final.pt"), os.path.join(folder, "best.pt"))
+        summary = {"stage": stage, "done": True, "steps": loop.iter, "losses": loop.losses}
+        self._record(summary)
+        log.info("stage %s: done after %d steps, last losses %s", stage, loop.iter, loop.losses)
+
+    def _streams(self, consumed: dict, **datasets) -> dict:
+        d = self.cfg.data
+        return {name: Stream(ds, d.batch_size, d.workers, self.cfg.seed + i * 7919, self.dist.rank,
+                             self.dist.world_size, consumed.get(name, 0))
+                for i, (name, ds) in enumerate(datasets.items())}
+
+    # ------------------------------------------------------------------------------------------ stages
+    def run_source(self) -> None:
+        cfg = self.cfg
+        if self.init_checkpoint and self._first_stage == "source":
+            model = load_model(self.init_checkpoint, num_classes=cfg.model.num_classes, device=self.device)
+        else:
+            model = build_model_from_config(cfg.model, train_size=cfg.data.source_size).to(self.device)
+        source = self._dataset("source", source_transform(cfg), labelled_required=True)
+
+        def make_step(optimizer, consumed):
+            streams = self._streams(consumed, source=source)
+            step = SupervisedStep(model, optimizer, streams["source"], self.device, cfg.amp, self.dist,
+                                  cfg.method.lambda_lov)
+            step.consumed = lambda: {"source": streams["source"].consumed}
+            return step
+        self._train_stage("source", model, cfg.solver.source, make_step)
+
+    @torch.no_grad()
+    def run_init_stats(self) -> None:
+        """Algorithm 1, line 2: the semantic distributions of features and outputs over the whole source set."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        model = load_model(self._input_checkpoint("init-stats"), num_classes=cfg.model.num_classes,
+                           device=self.device)
+        source = self._dataset("source", build_transform(size=cfg.data.source_size), labelled_required=True)
+        stats = self._new_statistics(model)
+        indices = list(range(self.dist.rank, len(source), self.dist.world_size))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=cfg.data.batch_size,
+                                             num_workers=cfg.data.workers, collate_fn=collate)
+        normalize = model.info.normalization
+        for batch in tqdm(loader, desc="init-stats", disable=not (self.progress and self.dist.is_main)):
+            out = model(normalize(batch["image"].to(self.device)))
+            labels = downsample_labels(batch["label"].to(self.device), out.features.shape[-2:]).reshape(-1)
+            stats["features"].update(self._stat_rows(out.features), labels)
+            stats["outputs"].update(self._stat_rows(out.logits), labels)
+        # Each rank saw its own shard (their sizes may differ by one image, so no per-batch collective):
+        # one exact pooled merge at the end gives every rank the statistics of the whole set.
+        for s in stats.values():
+            s.all_reduce()
+        if self.dist.is_main:
+            save_checkpoint(self.final_path("init-stats"), model, config=to_dict(cfg),
+                            statistics={k: v.state_dict() for k, v in stats.items()}, step=0,
+                            extra={"stage": "init-stats"})
+        self._record({"stage": "init-stats", "done": True, "pixels": int(stats["features"].count.sum())})
+
+    def _stat_rows(self, maps: torch.Tensor) -> torch.Tensor:
+        rows = pixel_rows(maps).float()
+        return torch.nn.functional.normalize(rows, dim=1) if self.cfg.method.variant == "paper" else rows
+
+    def _new_statistics(self, model) -> dict:
+        m = self.cfg.method
+        k = model.num_classes
+        return {"features": SemanticDistribution(k, model.feature_dim, m.covariance, device=self.device),
+                "outputs": SemanticDistribution(k, k, m.covariance, device=self.device)}
+
+    def run_adapt(self) -> None:
+        cfg = self.cfg
+        path = self._input_checkpoint("adapt")
+        model = load_model(path, num_classes=cfg.model.num_classes, device=self.device)
+        set_batchnorm_mode(model, cfg.method.adapt_bn)
+        stats = self._new_statistics(model)
+        init = read_checkpoint(path).get("statistics") or {}
+        if "features" not in init:
+            raise ValueError(f"{path} holds no semantic statistics: run stage init-stats first")
+        for key in stats:
+            stats[key].load_state_dict(init[key])
+        source = self._dataset("source", source_transform(cfg), labelled_required=True)
+        target = self._dataset("target", target_transform(cfg))
+
+        def make_step(optimizer, consumed):
+            streams = self._streams(consumed, source=source, target=target)
+            step = AdaptStep(model, optimizer, streams["source"], streams["target"], stats["features"],
+                             stats["outputs"] if cfg.method.multi_level else None, cfg.method, self.device,
+                             cfg.amp, self.dist)
+            step.consumed = lambda: {k: s.consumed for k, s in streams.items()}
+            steps.append(step)
+            return step
+        steps = []
+        self._train_stage("adapt", model, cfg.solver.adapt, make_step, statistics=stats)
+        self._report_unreadable("adapt", steps[0].unreadable)
+
+    def _report_unreadable(self, stage: str, names) -> None:
+        if names and self.dist.is_main:
+            log.warning("stage %s: %d unreadable target frames skipped: %s", stage, len(names),
+                        ", ".join(sorted(names)[:10]))
+            print(f"sdca: {stage}: skipped {len(names)} unreadable target frame(s), e.g. {sorted(names)[0]}",
+                  flush=True)
+        self._record({"stage": stage, "unreadable_target_frames": sorted(names)})
+
+    def run_pseudo_label(self) -> None:
+        cfg = self.cfg
+        model = load_model(self._input_checkpoint("pseudo-label"), num_classes=cfg.model.num_classes,
+                           device=self.device)
+        target = self._dataset("target", build_transform())
+        if self.dist.is_main:  # one writer; the set is read three times, which is cheap next to training
+            report = generate_pseudo_labels(model, target, self.stage_dir("pseudo-label"), device=self.device,
+                                            size=cfg.data.target_size, cap=cfg.method.threshold_cap,
+                                            progress=self.progress, workers=cfg.data.workers)
+            self._record({"stage": "pseudo-label", "done": True, "ignored_share": report["ignored_share"]})
+            self._report_unreadable("pseudo-label", report["unreadable"])
+
+    def run_self_train(self) -> None:
+        cfg = self.cfg
+        if cfg.method.self_train_from_imagenet:
+            model = build_model_from_config(cfg.model, train_size=cfg.data.target_size).to(self.device)
+        else:
+            model = load_model(self._input_checkpoint("self-train"), num_classes=cfg.model.num_classes,
+                               device=self.device)
+        label_dir = self.stage_dir("pseudo-label")
+        if not os.path.isfile(os.path.join(label_dir, "thresholds.json")):
+            raise FileNotFoundError(f"self-training reads pseudo-labels from {label_dir}: run stage pseudo-label "
+                                    "first")
+        target = self._dataset("target", None)
+        root = target.root if isinstance(target, ImageFolder) else target.image_root
+        names = target.names if isinstance(target, ImageFolder) else [n for n, _ in target.items]
+        space = LabelSpace("model", tuple(model.info.class_names), tuple(model.info.palette))
+        labelled = PseudoLabelled(root, names, label_dir, space, self_train_transform(cfg))
+
+        def make_step(optimizer, consumed):
+            streams = self._streams(consumed, target=labelled)
+            step = SupervisedStep(model, optimizer, streams["target"], self.device, cfg.amp, self.dist, 0.0)
+            step.consumed = lambda: {"target": streams["target"].consumed}
+            return step
+        self._train_stage("self-train", model, cfg.solver.self_train, make_step)
+

@@ -1,0 +1,139 @@
+"""One training iteration per stage: the supervised step (warm-up, self-training) and the adaptation step."""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+from ..method import SemanticDistribution, downsample_labels, lovasz_softmax, sdca_loss, target_mask
+from ..models import upsample_logits
+from .config import MethodConfig
+from .distributed import DistInfo, average_gradients
+from .loop import check_finite
+
+IGNORE = 255
+
+
+def pixel_rows(maps: torch.Tensor) -> torch.Tensor:
+    """[B, C, h, w] -> [B*h*w, C]."""
+    return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
+
+
+class StepBase:
+    def __init__(self, model, optimizer, device: torch.device, amp: Optional[str], dist_info: DistInfo):
+        self.model, self.optimizer, self.device, self.dist = model, optimizer, device, dist_info
+        self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp) if amp else None
+        use_scaler = self.amp_dtype == torch.float16 and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.normalize = model.info.normalization
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def images(self, batch: dict) -> torch.Tensor:
+        return self.normalize(batch["image"].to(self.device, non_blocking=True))
+
+    def update(self, total: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+            average_gradients(self.model, self.dist)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            total.backward()
+            average_gradients(self.model, self.dist)
+            self.optimizer.step()
+
+    def supervised_terms(self, logits: torch.Tensor, labels: torch.Tensor, lambda_lov: float) -> Dict[str, torch.Tensor]:
+        """Eq. 17 (+ Lovász-Softmax) on logits upsampled to the label size, as the public code trains."""
+        up = upsample_logits(logits.float(), labels.shape[-2:])
+        terms = {"loss_ce": F.cross_entropy(up, labels, ignore_index=IGNORE)}
+        if lambda_lov > 0:
+            terms["loss_lovasz"] = lovasz_softmax(torch.softmax(up, dim=1), labels, ignore_index=IGNORE)
+        return terms
+
+    def state_dict(self) -> dict:
+        return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+class SupervisedStep(StepBase):
+    """Source warm-up (cross-entropy + lambda_lov Lovász-Softmax) or self-training (Eq. 20, lambda_lov = 0)."""
+
+    def __init__(self, model, optimizer, stream, device, amp, dist_info, lambda_lov: float):
+        super().__init__(model, optimizer, device, amp, dist_info)
+        self.stream, self.lambda_lov = stream, lambda_lov
+
+    def run_step(self, iteration: int) -> Dict[str, float]:
+        batch = next(self.stream)
+        labels = batch["label"].to(self.device, non_blocking=True)
+        with self.autocast():
+            out = self.model(self.images(batch))
+        terms = self.supervised_terms(out.logits, labels, self.lambda_lov)
+        check_finite(terms, iteration)
+        self.update(terms["loss_ce"] + self.lambda_lov * terms.get("loss_lovasz", 0.0))
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+
+class AdaptStep(StepBase):
+    """Eq. 18: CE + lambda_lov Lovász on source, plus the SDCA loss on features (and outputs) of both domains.
+
+    Each step first merges the current source batch into the semantic distributions (Eq. 3-4; all ranks pool
+    their batches, so statistics agree everywhere), then builds target masks by Eq. 5. The statistics live in
+    the space the loss variant reads: L2-normalised rows for the paper variant, raw rows for the public one.
+    """
+
+    def __init__(self, model, optimizer, source, target, feat_stats: SemanticDistribution,
+                 out_stats: Optional[SemanticDistribution], method: MethodConfig, device, amp, dist_info):
+        super().__init__(model, optimizer, device, amp, dist_info)
+        self.source, self.target, self.method = source, target, method
+        self.feat_stats, self.out_stats = feat_stats, out_stats
+        self.unreadable = set()  # target frames skipped because they could not be decoded
+
+    def _stat_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        rows = rows.detach().float()
+        return F.normalize(rows, dim=1) if self.method.variant == "paper" else rows
+
+    def _contrast(self, stats: SemanticDistribution, s_rows, s_labels, t_rows, t_labels) -> torch.Tensor:
+        m = self.method
+        mean, cov = stats.mean.float(), stats.covariance.float()  # once per step, shared by both domains
+        kwargs = dict(tau=m.tau, variant=m.variant, normalize=True, check_labels=False)
+        return (sdca_loss(s_rows, s_labels, mean, cov, **kwargs) + sdca_loss(t_rows, t_labels, mean, cov, **kwargs))
+
+    def run_step(self, iteration: int) -> Dict[str, float]:
+        m = self.method
+        src, tgt = next(self.source), next(self.target)
+        self.unreadable.update(tgt.get("skipped", ()))
+        labels = src["label"].to(self.device, non_blocking=True)
+        with self.autocast():
+            s_out = self.model(self.images(src))
+            t_out = self.model(self.images(tgt))
+        terms = self.supervised_terms(s_out.logits, labels, m.lambda_lov)
+        s_labels = downsample_labels(labels, s_out.features.shape[-2:]).reshape(-1)
+        t_labels = target_mask(t_out.logits.float(), m.delta).reshape(-1)
+        s_feat, t_feat = pixel_rows(s_out.features), pixel_rows(t_out.features)
+        sync = self.dist.enabled
+        with torch.no_grad():
+            self.feat_stats.update(self._stat_rows(s_feat), s_labels, sync=sync)
+        terms["loss_feat"] = self._contrast(self.feat_stats, s_feat, s_labels, t_feat, t_labels)
+        if m.multi_level and self.out_stats is not None:
+            s_log, t_log = pixel_rows(s_out.logits), pixel_rows(t_out.logits)
+            with torch.no_grad():
+                self.out_stats.update(self._stat_rows(s_log), s_labels, sync=sync)
+            terms["loss_out"] = self._contrast(self.out_stats, s_log, s_labels, t_log, t_labels)
+        check_finite(terms, iteration)
+        total = (terms["loss_ce"] + m.lambda_lov * terms.get("loss_lovasz", 0.0)
+                 + m.lambda_feat * terms["loss_feat"] + m.lambda_out * terms.get("loss_out", 0.0))
+        self.update(total)
+        out = {k: float(v.detach()) for k, v in terms.items()}
+        out["target_labelled"] = float((t_labels != IGNORE).float().mean())
+        return out
