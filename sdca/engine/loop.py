@@ -144,8 +144,10 @@ class Checkpointer(HookBase):
 class MetricsLogger(HookBase):
     """A progress bar with ETA and the loss terms, one JSON line per ``period`` steps, TensorBoard if present."""
 
-    def __init__(self, path: Optional[str], stage: str, period: int, enabled: bool = True, tensorboard_dir=None):
+    def __init__(self, path: Optional[str], stage: str, period: int, enabled: bool = True, tensorboard_dir=None,
+                 progress: bool = True):
         self.path, self.stage, self.period, self.enabled = path, stage, period, enabled
+        self.progress = progress  # the bar only: metrics are logged either way
         self.tensorboard_dir, self.writer, self.bar, self.sums, self.count = tensorboard_dir, None, None, {}, 0
 
     def before_train(self):
@@ -154,7 +156,8 @@ class MetricsLogger(HookBase):
         from tqdm.auto import tqdm
 
         t = self.trainer
-        self.bar = tqdm(total=t.max_iter, initial=t.iter, desc=self.stage, dynamic_ncols=True, leave=True)
+        self.bar = tqdm(total=t.max_iter, initial=t.iter, desc=self.stage, dynamic_ncols=True, leave=True,
+                        disable=not self.progress)
         self.start = time.time()
         if self.tensorboard_dir:
             try:

@@ -215,8 +215,8 @@ class Runner:
         hooks = [LRSchedule(optimizer, solver.lr, solver.schedule_iters or solver.iters, cfg.solver.power),
                  SignalHandler(),
                  Checkpointer(lambda it: save(last, it), cfg.solver.checkpoint_period, enabled=main),
-                 MetricsLogger(self.metrics_path, stage, cfg.solver.log_period, enabled=main and self.progress,
-                               tensorboard_dir=os.path.join(self.run_dir, "tensorboard")),
+                 MetricsLogger(self.metrics_path, stage, cfg.solver.log_period, enabled=main,
+                               tensorboard_dir=os.path.join(self.run_dir, "tensorboard"), progress=self.progress),
                  EvalHook(self, stage, model, cfg.solver.eval_period,
                           lambda it: save(os.path.join(folder, "best.pt"), it))]
         model.train()
