@@ -44,6 +44,7 @@ test: cpp-test py-test
 
 bench: setup
 	$(BIN)/python bench/bench_kernels.py
+	$(BIN)/python bench/bench_step.py
 
 clean:
 	rm -rf build *.egg-info sdca/_C*.so

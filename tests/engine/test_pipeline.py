@@ -158,3 +158,12 @@ def test_pseudo_label_thresholds_are_the_brute_force_medians(tiny_data):
         written = np.array(Image.open(out / (os.path.splitext(name)[0] + ".png")))
         expected = torch.where(c >= thresholds[p], p, torch.full_like(p, 255)).numpy()
         assert np.array_equal(written, expected)
+
+
+def test_bf16_autocast_on_the_cpu(tiny_data):
+    tmp, config = tiny_data
+    run(config, amp="bf16", stages=["source", "init-stats", "adapt"])
+    records = [json.loads(line) for line in (tmp / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    adapt = [r for r in records if r.get("stage") == "adapt" and r.get("done")][0]
+    assert all(np.isfinite(v) for v in adapt["losses"].values())
+    assert {"loss_ce", "loss_lovasz", "loss_feat", "loss_out"} <= set(adapt["losses"])
