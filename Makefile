@@ -45,6 +45,7 @@ test: cpp-test py-test
 bench: setup
 	$(BIN)/python bench/bench_kernels.py
 	$(BIN)/python bench/bench_step.py
+	$(BIN)/python bench/bench_infer.py
 
 clean:
 	rm -rf build *.egg-info sdca/_C*.so

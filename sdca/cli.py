@@ -197,5 +197,80 @@ def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file
                "left unlabelled; thresholds in thresholds.json")
 
 
+@main.command()
+@click.option("--onnx", "checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Checkpoint to export (ours or a public SDCA release file).")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("--output", type=click.Choice(["logits", "probs", "labels"]), default="logits", show_default=True,
+              help="Graph output: logits, softmax probabilities, or an in-graph argmax as uint8 labels.")
+@click.option("--fp16", is_flag=True, help="Store weights in float16 (inputs and outputs stay float32).")
+@click.option("--opset", default=18, show_default=True, help="ONNX opset (18 suits onnxruntime >= 1.17 and TensorRT 10).")
+@click.option("--no-check", is_flag=True, help="Skip onnx.checker and the onnxruntime-vs-PyTorch parity run.")
+def export(checkpoint, out, output, fp16, opset, no_check):
+    """Export a checkpoint to ONNX: dynamic batch, height and width, upsampling to the input size in the graph,
+    class names, palette and input normalisation in the metadata; then a parity check against PyTorch."""
+    from .deploy.onnx_export import export_onnx
+
+    try:
+        report = export_onnx(checkpoint, out, output=output, fp16=fp16, opset=opset, check=not no_check)
+    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"sdca: wrote {out} ({report['bytes'] / 2**20:.1f} MiB, output {output}, opset {opset}"
+               f"{', fp16 weights' if fp16 else ''})")
+    for p in report.get("parity", []):
+        diff = "n/a" if p["max_abs_diff"] is None else f"{p['max_abs_diff']:.3g}"
+        click.echo(f"  parity {'x'.join(map(str, p['shape']))}: max |diff| {diff}, "
+                   f"label agreement {100 * p['label_agreement']:.3f}%")
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="An exported .onnx file (ONNX Runtime) or a checkpoint (PyTorch).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (mirrors the inputs).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "pytorch"]), help="Override the backend the file implies.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--providers", help="ONNX Runtime providers in priority order, e.g. tensorrt,cuda,cpu.")
+@click.option("--batch", default=4, show_default=True, help="Frames per model call (frames of one size).")
+@click.option("--size", nargs=2, type=int, metavar="W H", help="Resize frames for the model (outputs keep the frame size).")
+@click.option("--workers", default=4, show_default=True, help="Decoding and encoding threads.")
+@click.option("--color", is_flag=True, help="Colour label maps (the default when no output is chosen).")
+@click.option("--overlay", is_flag=True, help="Colours alpha-blended on the frame (JPEG).")
+@click.option("--trainid", is_flag=True, help="trainId PNGs (class indices, 255 = none).")
+@click.option("--labelid", is_flag=True, help="Cityscapes labelId PNGs, for the official evaluation server.")
+@click.option("--confidence", is_flag=True, help="Max softmax probability per pixel, as 8-bit PNGs (x255).")
+@click.option("--opacity", default=0.5, show_default=True, help="Overlay opacity.")
+@click.option("--video-stride", default=1, show_default=True, help="Segment every n-th video frame.")
+@click.option("--skip-existing", is_flag=True, help="Skip frames whose outputs all exist (resume a run).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def infer(inputs, model, out, backend, device, providers, batch, size, workers, color, overlay, trainid, labelid,
+          confidence, opacity, video_stride, skip_existing, quiet):
+    """Segment INPUTS (files, folders searched recursively, glob patterns, videos) into OUT.
+
+    Outputs go to OUT/<kind>/<input path>.png, one folder per requested kind; OUT/summary.json lists frames,
+    failures, wall time and frames/s. Unreadable inputs are reported and skipped (exit status 2).
+    """
+    from .deploy.infer import run_inference
+    from .deploy.runtime import open_segmenter
+
+    kinds = [k for k, on in (("color", color), ("overlay", overlay), ("trainid", trainid), ("labelid", labelid),
+                             ("confidence", confidence)) if on] or ["color"]
+    try:
+        segmenter = open_segmenter(model, backend, providers=providers.split(",") if providers else None,
+                                   device=device)
+        click.echo(f"sdca: {segmenter.backend} on {', '.join(segmenter.providers)}", err=True)
+        summary = run_inference(segmenter, inputs, out, outputs=kinds, batch=batch, size=size, workers=workers,
+                                skip_existing=skip_existing, progress=not quiet, opacity=opacity,
+                                video_stride=video_stride)
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"sdca: {summary['frames']} frames in {summary['wall_time_s']} s ({summary['frames_per_s']} frames/s)"
+               f", {summary['skipped_existing']} skipped, {len(summary['failures'])} failed; see {out}/summary.json")
+    for failure in summary["failures"][:10]:
+        click.echo(f"  failed: {failure['file']}: {failure['reason']}", err=True)
+    if summary["failures"]:
+        sys.exit(2)
+
+
 if __name__ == "__main__":
     main()

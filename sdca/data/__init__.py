@@ -1,14 +1,29 @@
-"""Data sets, label spaces, transforms."""
-from .datasets import (GTA5, Cityscapes, CrossCity, ImageFolder, LabelledFolder, PseudoLabelled, SegmentationDataset,
-                       Synthia, collate, read_split_list)
-from .io import CorruptImageError, read_label, read_rgb, write_png
-from .labels import (CITYSCAPES, CROSS_CITY_13, IGNORE_INDEX, LABEL_SPACES, SYNTHIA_16, LabelSpace, label_space_for,
-                     trainid_to_labelid)
-from .transforms import build_transform
+"""Data sets, label spaces, transforms.
 
-__all__ = [
-    "Cityscapes", "GTA5", "Synthia", "CrossCity", "LabelledFolder", "ImageFolder", "PseudoLabelled", "SegmentationDataset",
-    "collate", "read_split_list", "CorruptImageError", "read_rgb", "read_label", "write_png", "CITYSCAPES",
-    "SYNTHIA_16", "CROSS_CITY_13", "LABEL_SPACES", "IGNORE_INDEX", "LabelSpace", "label_space_for",
-    "trainid_to_labelid", "build_transform",
-]
+Names are imported on first use: ``sdca.data.labels`` (tables only) must stay importable without torch for
+the deployment side.
+"""
+import importlib
+
+_EXPORTS = {
+    **{n: "sdca.data.datasets" for n in ("Cityscapes", "GTA5", "Synthia", "CrossCity", "LabelledFolder",
+                                          "ImageFolder", "PseudoLabelled", "SegmentationDataset", "collate",
+                                          "read_split_list")},
+    **{n: "sdca.data.io" for n in ("CorruptImageError", "read_rgb", "read_label", "write_png")},
+    **{n: "sdca.data.labels" for n in ("CITYSCAPES", "SYNTHIA_16", "CROSS_CITY_13", "LABEL_SPACES", "IGNORE_INDEX",
+                                        "LabelSpace", "label_space_for", "trainid_to_labelid")},
+    "build_transform": "sdca.data.transforms",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sdca.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(__all__)

@@ -128,4 +128,5 @@ class DeepLabV2(nn.Module):
 
 def upsample_logits(logits: torch.Tensor, size: Sequence[int], align_corners: bool = True) -> torch.Tensor:
     """Bilinear resize of logits to ``size`` = (H, W); align_corners=True as the public code trains and tests."""
-    return F.interpolate(logits, size=tuple(int(s) for s in size), mode="bilinear", align_corners=align_corners)
+    # Sizes pass through as given (no int()): under torch.export they are symbolic, and int() would pin them.
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=align_corners)
