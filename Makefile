@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/python bench/bench_kernels.py
 	$(BIN)/python bench/bench_step.py
 	$(BIN)/python bench/bench_infer.py
+	$(BIN)/python bench/bench_synthdrive.py
 
 clean:
 	rm -rf build *.egg-info sdca/_C*.so

@@ -1,6 +1,7 @@
 """Builders with explicit arguments: data sets, resumable sample streams, loaders, model, optimizer."""
 from __future__ import annotations
 
+import os
 import random
 from typing import Iterator, Optional, Tuple
 
@@ -8,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import GTA5, Cityscapes, CrossCity, ImageFolder, LabelledFolder, Synthia, build_transform, collate
+from ..data import (GTA5, Cityscapes, CrossCity, ImageFolder, LabelledFolder, PseudoLabelled, Synthia, build_transform,
+                    collate)
 from ..models import build_model
 from .config import Config, DatasetConfig, ModelConfig, StageSolver, SolverConfig
 
@@ -32,6 +34,18 @@ def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error:
         return LabelledFolder(ds.root, ds.labels, ds.mapping, list_file=ds.list_file, transform=transform)
     if ds.kind == "images":
         return ImageFolder(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
+    if ds.kind == "synthdrive":
+        from ..data.labels import CITYSCAPES
+        from ..data.synthdrive import SynthDriveCache
+
+        if num_classes != 19:
+            raise ValueError("SynthDrive is labelled with the 19 Cityscapes trainIds: set model.num_classes=19")
+        cache = SynthDriveCache(ds.root, ds.domain, ds.split, ds.num_frames, height=ds.frame_size[1],
+                                width=ds.frame_size[0], progress=True)
+        labels = os.path.join(cache.folder, "labels")
+        return PseudoLabelled(os.path.join(cache.folder, "images"), cache.names(), labels, CITYSCAPES,
+                              transform) if ds.labelled else ImageFolder(os.path.join(cache.folder, "images"),
+                                                                         transform=transform, on_error=on_error)
     raise ValueError(f"unknown data set kind {ds.kind!r}")
 
 

@@ -16,14 +16,14 @@ from typing import Any, List, Optional
 
 import yaml
 
-DATASET_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images")
+DATASET_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images", "synthdrive")
 STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
 
 
 @dataclass
 class DatasetConfig:
     """One data set. kind: gta5 | synthia | cityscapes | crosscity | folder (images + labels + mapping YAML) |
-    images (unlabelled folder)."""
+    images (unlabelled folder) | synthdrive (the embedded generator; root = its cache folder)."""
 
     kind: str = "images"
     root: str = ""
@@ -32,6 +32,9 @@ class DatasetConfig:
     labels: Optional[str] = None  # folder kind: the label folder
     mapping: Optional[str] = None  # folder kind: the YAML mapping
     city: Optional[str] = None  # crosscity kind
+    domain: str = "sim"  # synthdrive kind: sim | real
+    num_frames: int = 0  # synthdrive kind
+    frame_size: List[int] = field(default_factory=lambda: [512, 256])  # synthdrive kind: (width, height)
     labelled: bool = True  # cityscapes kind: False for the unlabelled target set
 
 
