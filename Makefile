@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.sdca-installed
 JOBS   ?= 2
 SOURCES := pyproject.toml setup.py constraints.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup test cpp-test py-test doctor bench system-deps clean
+.PHONY: setup test cpp-test py-test doctor demo bench system-deps clean
 
 setup: $(STAMP)
 
@@ -23,6 +23,10 @@ $(STAMP): $(SOURCES)
 
 doctor: setup
 	$(BIN)/sdca doctor
+
+# The whole pipeline on the embedded SynthDrive data (CPU, about 10 minutes on 2 cores): runs/demo/report.md
+demo: setup
+	$(BIN)/sdca demo
 
 # GoogleTest for the C++ kernel tests comes from Debian's libgtest-dev; installed here when we are root.
 system-deps:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -195,6 +196,24 @@ def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file
     report = generate_pseudo_labels(model, dataset, out, device=dev, size=size, cap=cap, workers=workers)
     click.echo(f"sdca: {report['images']} label maps in {out}; {100 * report['ignored_share']:.1f}% of pixels "
                "left unlabelled; thresholds in thresholds.json")
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A small, fast run (about 2 minutes on 2 cores) that still runs every stage.")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder; the SynthDrive frames are cached beside it.")
+@click.option("--seed", default=0, show_default=True, help="Random seed.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def demo(quick, out, seed, quiet):
+    """The whole pipeline on the embedded SynthDrive data, on the CPU: source-only, init-stats, adapt,
+    pseudo-label and self-train with the small model, each stage evaluated on held-out 'real' frames, the final
+    model exported to ONNX and run on a few frames; writes OUT/report.md."""
+    from .engine.demo import run_demo
+
+    if os.path.isdir(out) and os.path.isfile(os.path.join(out, "config.yaml")):
+        click.echo(f"sdca: {out} exists: finished stages are reused (delete the folder for a fresh run)", err=True)
+    path = run_demo(out, quick=quick, seed=seed, progress=not quiet)
+    click.echo(f"sdca: demo finished; report: {path}")
 
 
 @main.command()

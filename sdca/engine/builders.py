@@ -15,7 +15,8 @@ from ..models import build_model
 from .config import Config, DatasetConfig, ModelConfig, StageSolver, SolverConfig
 
 
-def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error: str = "skip") -> Dataset:
+def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error: str = "skip",
+                  progress: bool = False) -> Dataset:
     """The data set a DatasetConfig describes (see the README's data table for the layouts)."""
     if ds.kind == "gta5":
         return GTA5(ds.root, num_classes=num_classes, list_file=ds.list_file, transform=transform)
@@ -41,7 +42,7 @@ def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error:
         if num_classes != 19:
             raise ValueError("SynthDrive is labelled with the 19 Cityscapes trainIds: set model.num_classes=19")
         cache = SynthDriveCache(ds.root, ds.domain, ds.split, ds.num_frames, height=ds.frame_size[1],
-                                width=ds.frame_size[0], progress=True)
+                                width=ds.frame_size[0], progress=progress)
         labels = os.path.join(cache.folder, "labels")
         return PseudoLabelled(os.path.join(cache.folder, "images"), cache.names(), labels, CITYSCAPES,
                               transform) if ds.labelled else ImageFolder(os.path.join(cache.folder, "images"),

@@ -132,7 +132,8 @@ class Runner:
 
     def _dataset(self, which: str, transform, labelled_required: bool = False):
         ds_cfg = getattr(self.cfg.data, which)
-        dataset = build_dataset(ds_cfg, self.cfg.model.num_classes, transform, self.cfg.data.on_corrupt)
+        dataset = build_dataset(ds_cfg, self.cfg.model.num_classes, transform, self.cfg.data.on_corrupt,
+                                progress=self.progress and self.dist.is_main)
         if labelled_required and isinstance(dataset, ImageFolder):
             raise ValueError(f"data.{which} must be labelled (kind {ds_cfg.kind!r} has no labels)")
         return dataset
@@ -152,7 +153,7 @@ class Runner:
 
     def _val_dataset(self):
         return build_dataset(self.cfg.data.val, self.cfg.model.num_classes, build_transform(),
-                             self.cfg.data.on_corrupt)
+                             self.cfg.data.on_corrupt, progress=self.progress and self.dist.is_main)
 
     def _subsets(self):
         from ..data import label_space_for

@@ -24,7 +24,7 @@ def sdca(*args, timeout=300):
     return subprocess.run([sdca_exe(), *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "pseudo-label", "doctor"])
+@pytest.mark.parametrize("command", ["train", "evaluate", "pseudo-label", "doctor", "demo", "export", "infer"])
 def test_every_command_has_help(command):
     out = sdca(command, "--help")
     assert out.returncode == 0 and "Usage: sdca " + command in out.stdout

@@ -1,0 +1,183 @@
+"""`sdca demo`: the whole product on the embedded SynthDrive data, on a CPU, with a report.
+
+source-only -> init-stats -> adapt -> pseudo-label -> self-train with the small model; every stage evaluated
+on a held-out labelled split of the 'real' domain; the final model exported to ONNX and run with
+`sdca infer` on a few target frames; ``report.md`` with a per-class IoU table per stage, training curves
+and a qualitative grid (input, ground truth, source-only, SDCA, SDCA + self-training). The numbers are what
+this run measures; the controlled comparison the README reports is a separate experiment (issue 6).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import List
+
+import numpy as np
+
+from .config import load_config
+
+FULL = {"frames": (300, 300, 100), "iters": (600, 300, 300), "batch": 4}
+QUICK = {"frames": (40, 40, 12), "iters": (40, 20, 20), "batch": 2}
+
+
+def demo_config(out_dir: str, quick: bool, seed: int, cache: str):
+    plan = QUICK if quick else FULL
+    n_src, n_tgt, n_test = plan["frames"]
+    it_src, it_adapt, it_st = plan["iters"]
+    sd = lambda domain, split, n, labelled=True: {  # noqa: E731
+        "kind": "synthdrive", "root": cache, "domain": domain, "split": split, "num_frames": n,
+        "frame_size": [256, 128], "labelled": labelled}
+    return load_config(None, [], name=os.path.basename(os.path.abspath(out_dir)),
+                       output_dir=os.path.dirname(os.path.abspath(out_dir)), device="cpu", seed=seed,
+                       model={"arch": "deeplabv2_small", "num_classes": 19, "width": 16, "bn": "train",
+                              "no_pretrained": True},
+                       data={"source": sd("sim", "train", n_src), "target": sd("real", "train", n_tgt, False),
+                             "val": sd("real", "test", n_test), "source_size": [256, 128],
+                             "target_size": [256, 128], "self_train_crop": [192, 96], "batch_size": plan["batch"],
+                             "workers": 1},
+                       solver={"source": {"iters": it_src, "lr": 0.01}, "adapt": {"iters": it_adapt, "lr": 0.002},
+                               "self_train": {"iters": it_st, "lr": 0.002},
+                               "checkpoint_period": max(10, it_src // 4), "log_period": max(1, it_src // 40)},
+                       method={"variant": "paper", "covariance": "full", "tau": 0.5, "lambda_feat": 0.1,
+                               "lambda_out": 0.1, "adapt_bn": "train"})
+
+
+def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, seed: int = 0, progress: bool = True) -> str:
+    """Run the demo into ``out_dir``; returns the path of report.md. Rerunning resumes/skips finished work."""
+    import torch
+
+    from ..data.synthdrive import GENERATOR_VERSION
+    from ..deploy.infer import run_inference
+    from ..deploy.onnx_export import export_onnx
+    from ..deploy.runtime import open_segmenter
+    from ..models import load_model
+    from .builders import build_dataset
+    from .evaluator import evaluate
+    from .runner import Runner
+
+    start = time.time()
+    cache = os.path.join(os.path.dirname(os.path.abspath(out_dir)), "synthdrive-cache")
+    cfg = demo_config(out_dir, quick, seed, cache)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    runner = Runner(cfg, progress=progress)
+    runner.train()
+    test = build_dataset(cfg.data.val, 19)
+    stages = {"source-only": "source", "SDCA (adapt)": "adapt", "SDCA + self-training": "self-train"}
+    results, models = {}, {}
+    for title, stage in stages.items():
+        model = load_model(runner.final_path(stage))
+        models[title] = model
+        results[title] = evaluate(model, test, device=torch.device("cpu"), size=cfg.data.target_size,
+                                  subsets=None, progress=False)
+    onnx_path = os.path.join(out_dir, "model.onnx")
+    export = export_onnx(runner.final_path("self-train"), onnx_path)
+    frames = os.path.join(cache, GENERATOR_VERSION, "real_256x128", "train", "images")
+    sample = sorted(os.listdir(frames))[:8]
+    infer_in = [os.path.join(frames, n) for n in sample]
+    infer = run_inference(open_segmenter(onnx_path), infer_in, os.path.join(out_dir, "infer"),
+                          outputs=("color", "overlay"), progress=False)
+    _curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
+    _grid(models, test, os.path.join(out_dir, "qualitative.png"))
+    report = _report(cfg, results, export, infer, quick, time.time() - start, GENERATOR_VERSION)
+    path = os.path.join(out_dir, "report.md")
+    from .._atomic import atomic_write_text
+
+    atomic_write_text(path, report)
+    atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(results, indent=2))
+    return path
+
+
+def _report(cfg, results, export, infer, quick, seconds, version) -> str:
+    names = list(next(iter(results.values()))["IoU"])
+    lines = [f"# sdca demo{' (--quick)' if quick else ''}", "",
+             f"SynthDrive {version} (sim -> real), model {cfg.model.arch} (width {cfg.model.width}, from scratch), "
+             f"{cfg.data.source.num_frames} source / {cfg.data.target.num_frames} target frames, held-out test: "
+             f"{cfg.data.val.num_frames} labelled real frames at {cfg.data.target_size[0]}x{cfg.data.target_size[1]}. "
+             f"Iterations: source {cfg.solver.source.iters}, adapt {cfg.solver.adapt.iters}, self-train "
+             f"{cfg.solver.self_train.iters}. Loss: {cfg.method.variant} variant, {cfg.method.covariance} covariance, "
+             f"tau {cfg.method.tau}, lambda_feat {cfg.method.lambda_feat}, lambda_out {cfg.method.lambda_out}; "
+             f"batch norm during adaptation: {cfg.method.adapt_bn}. Wall time {seconds:.0f} s.", "",
+             "One run, one seed: differences between rows are not significant by themselves (see the README for the "
+             "controlled experiment).", "",
+             "| class | " + " | ".join(results) + " |", "| --- |" + " ---: |" * len(results)]
+    for n in names:
+        cells = [results[r]["IoU"][n] for r in results]
+        if all(c is None for c in cells):
+            continue
+        lines.append(f"| {n} | " + " | ".join("n/a" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
+    lines.append("| **mIoU** | " + " | ".join(f"**{100 * (r['mIoU'] or 0):.1f}**" for r in results.values()) + " |")
+    parity = export.get("parity", [])
+    lines += ["", "![training curves](curves.png)", "", "![input, ground truth, source-only, SDCA, SDCA + self-training]"
+              "(qualitative.png)", "",
+              f"ONNX export: `model.onnx` ({export['bytes'] / 2**20:.1f} MiB); parity with PyTorch: "
+              + ", ".join(f"{'x'.join(map(str, p['shape']))} max |diff| {p['max_abs_diff']:.2g}, labels "
+                          f"{100 * p['label_agreement']:.2f}%" for p in parity) + ".",
+              f"`sdca infer` on {infer['frames']} target frames: {infer['frames_per_s']} frames/s "
+              f"({infer['backend']}), outputs in `infer/`.", ""]
+    return "\n".join(lines)
+
+
+def _curves(metrics_path: str, out: str, width: int = 720, height: int = 300) -> None:
+    """Loss curves per stage, drawn with Pillow (no plotting dependency)."""
+    from PIL import Image, ImageDraw
+
+    series = {}
+    offset, last_stage, last_step = 0, None, 0
+    for line in open(metrics_path):
+        r = json.loads(line)
+        if "step" not in r or "eval" in r or "loss_ce" not in r:
+            continue
+        if r["stage"] != last_stage:
+            offset += last_step
+            last_stage = r["stage"]
+        last_step = r["step"]
+        for k, v in r.items():
+            if k.startswith("loss_"):
+                series.setdefault(f"{r['stage']} / {k[5:]}", []).append((offset + r["step"], v))
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    if not series:
+        image.save(out)
+        return
+    xs = [x for s in series.values() for x, _ in s]
+    ys = [y for s in series.values() for _, y in s]
+    x0, x1, y0, y1 = min(xs), max(xs) or 1, 0.0, max(ys) * 1.05 or 1.0
+    left, right, top, bottom = 50, width - 170, 15, height - 30
+    draw.rectangle([left, top, right, bottom], outline="black")
+    draw.text((5, top), f"{y1:.2f}", fill="black")
+    draw.text((5, bottom - 10), "0", fill="black")
+    draw.text((left, bottom + 8), "step (stages one after another)", fill="black")
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
+               (227, 119, 194), (127, 127, 127)]
+    for i, (name, pts) in enumerate(sorted(series.items())):
+        c = colours[i % len(colours)]
+        px = [(left + (x - x0) / max(1, x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
+              for x, y in pts]
+        if len(px) > 1:
+            draw.line(px, fill=c, width=2)
+        draw.text((right + 8, top + 14 * i), name, fill=c)
+    image.save(out)
+
+
+def _grid(models: dict, test, out: str, rows: int = 4) -> None:
+    """Input | ground truth | each model's prediction, for the first ``rows`` test frames."""
+    import torch
+    from PIL import Image
+
+    from ..data.labels import CITYSCAPES
+    from .evaluator import predict_probabilities
+
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[:19] = np.asarray(CITYSCAPES.palette, dtype=np.uint8)
+    tiles: List[np.ndarray] = []
+    for i in range(min(rows, len(test))):
+        item = test[i]
+        image = (item["image"].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        row = [image, palette[item["label"].numpy().astype(np.uint8)]]
+        for model in models.values():
+            with torch.no_grad():
+                probs, _ = predict_probabilities(model.eval(), item["image"][None], item["label"].shape)
+            row.append(palette[probs.argmax(1)[0].numpy().astype(np.uint8)])
+        tiles.append(np.concatenate(row, axis=1))
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(out)
