@@ -3,8 +3,7 @@
 The names below are imported on first use, so that ``sdca --help`` and ``sdca --version`` start without
 loading torch.
 """
-import importlib
-
+from ._lazy import lazy_exports
 from ._version import __version__
 
 _EXPORTS = {
@@ -17,15 +16,4 @@ _EXPORTS = {
 }
 
 __all__ = ["__version__", *_EXPORTS]
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'sdca' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

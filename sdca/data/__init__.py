@@ -3,7 +3,7 @@
 Names are imported on first use: ``sdca.data.labels`` (tables only) must stay importable without torch for
 the deployment side.
 """
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     **{n: "sdca.data.datasets" for n in ("Cityscapes", "GTA5", "Synthia", "CrossCity", "LabelledFolder",
@@ -15,15 +15,4 @@ _EXPORTS = {
     "build_transform": "sdca.data.transforms",
 }
 __all__ = list(_EXPORTS)
-
-
-def __getattr__(name):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'sdca.data' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)
