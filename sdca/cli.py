@@ -153,8 +153,8 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
     """Score CHECKPOINT on a labelled split: per-class IoU, mIoU (and the 13-class mIoU* for 16-class models,
     tail-class mIoU for 19-class ones). Predictions are resized to each label's resolution."""
     from ._atomic import atomic_write_text
-    from .data import label_space_for
     from .engine import evaluate as run_evaluate, format_table
+    from .engine.evaluator import standard_subsets
     from .method import SemanticDistribution
     from .models import read_checkpoint
 
@@ -168,10 +168,7 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
             raise click.ClickException(f"{checkpoint} holds no feature statistics, which --pdd needs "
                                        "(use a checkpoint from init-stats or adapt)")
         stats = SemanticDistribution.from_state_dict(state)
-    try:
-        subsets = dict(label_space_for(model.num_classes).subsets)
-    except ValueError:
-        subsets = None
+    subsets = standard_subsets(model.num_classes)
     summary = run_evaluate(model, dataset, device=dev, size=size, scales=scales or (1.0,), flip=flip,
                            save_dir=save_predictions, labelid_png=labelid, pdd_stats=stats, subsets=subsets,
                            workers=workers)

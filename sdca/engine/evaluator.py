@@ -16,6 +16,16 @@ from ..models import upsample_logits
 from .distributed import DistInfo
 
 
+def standard_subsets(num_classes: int) -> Optional[Dict[str, Sequence[int]]]:
+    """The named class subsets a standard label space reports (tail classes, SYNTHIA's 13); None otherwise."""
+    from ..data.labels import label_space_for
+
+    try:
+        return dict(label_space_for(num_classes).subsets)
+    except ValueError:
+        return None
+
+
 @torch.no_grad()
 def predict_probabilities(model, image: torch.Tensor, out_size, size=None, scales: Sequence[float] = (1.0,),
                           flip: bool = False):

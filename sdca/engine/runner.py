@@ -25,10 +25,10 @@ from .builders import (Stream, build_dataset, build_model_from_config, build_opt
                        self_train_transform, source_transform, target_transform)
 from .config import Config, save_config, to_dict
 from .distributed import DistInfo, barrier, init_distributed
-from .evaluator import evaluate, format_table
+from .evaluator import evaluate, format_table, standard_subsets
 from .loop import Checkpointer, HookBase, LRSchedule, MetricsLogger, SignalHandler, TrainLoop
 from .pseudo_label import generate_pseudo_labels
-from .steps import AdaptStep, SupervisedStep, pixel_rows
+from .steps import AdaptStep, SupervisedStep, pixel_rows, statistics_rows
 
 log = logging.getLogger("sdca")
 STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5}
@@ -156,12 +156,7 @@ class Runner:
                              self.cfg.data.on_corrupt, progress=self.progress and self.dist.is_main)
 
     def _subsets(self):
-        from ..data import label_space_for
-
-        try:
-            return dict(label_space_for(self.cfg.model.num_classes).subsets)
-        except ValueError:
-            return None
+        return standard_subsets(self.cfg.model.num_classes)
 
     # ------------------------------------------------------------------------------------------- train
     def train(self, stages: Optional[List[str]] = None) -> dict:
@@ -286,8 +281,7 @@ class Runner:
         self._record({"stage": "init-stats", "done": True, "pixels": int(stats["features"].count.sum())})
 
     def _stat_rows(self, maps: torch.Tensor) -> torch.Tensor:
-        rows = pixel_rows(maps).float()
-        return torch.nn.functional.normalize(rows, dim=1) if self.cfg.method.variant == "paper" else rows
+        return statistics_rows(pixel_rows(maps), self.cfg.method.variant)
 
     def _new_statistics(self, model) -> dict:
         m = self.cfg.method

@@ -21,6 +21,14 @@ def pixel_rows(maps: torch.Tensor) -> torch.Tensor:
     return maps.permute(0, 2, 3, 1).reshape(-1, maps.shape[1])
 
 
+def statistics_rows(rows: torch.Tensor, variant: str) -> torch.Tensor:
+    """Pixel rows in the space the semantic statistics live in: L2-normalised for the paper variant (so the
+    Gaussians describe the q the loss reads), raw for the public code's variant. Shared by init-stats and
+    adapt, which must agree."""
+    rows = rows.detach().float()
+    return F.normalize(rows, dim=1) if variant == "paper" else rows
+
+
 class StepBase:
     def __init__(self, model, optimizer, device: torch.device, amp: Optional[str], dist_info: DistInfo):
         self.model, self.optimizer, self.device, self.dist = model, optimizer, device, dist_info
@@ -100,8 +108,7 @@ class AdaptStep(StepBase):
         self.unreadable = set()  # target frames skipped because they could not be decoded
 
     def _stat_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        rows = rows.detach().float()
-        return F.normalize(rows, dim=1) if self.method.variant == "paper" else rows
+        return statistics_rows(rows, self.method.variant)
 
     def _contrast(self, stats: SemanticDistribution, s_rows, s_labels, t_rows, t_labels) -> torch.Tensor:
         m = self.method
