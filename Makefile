@@ -28,21 +28,27 @@ doctor: setup
 demo: setup
 	$(BIN)/sdca demo
 
-# GoogleTest for the C++ kernel tests comes from Debian's libgtest-dev; installed here when we are root.
+# Debian packages for the C++ builds: GoogleTest (kernel tests) and OpenCV with its DNN module (the C++
+# consumer in export/). Installed here when we are root.
+SYSTEM_PACKAGES := libgtest-dev libopencv-dev cmake
 system-deps:
-	@dpkg -s libgtest-dev >/dev/null 2>&1 || { \
+	@dpkg -s $(SYSTEM_PACKAGES) >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libgtest-dev cmake >/dev/null; \
-	  else echo "the C++ tests need GoogleTest: sudo apt-get install libgtest-dev cmake"; exit 1; fi; }
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	      $(SYSTEM_PACKAGES) >/dev/null; \
+	  else echo "the C++ builds need: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; }
 
 cpp-test: setup system-deps
 	cmake -S . -B build/cmake -DPython3_EXECUTABLE=$(abspath $(BIN)/python) >/dev/null
 	cmake --build build/cmake -j $(JOBS)
 	ctest --test-dir build/cmake --output-on-failure
 
-# SDCA_REQUIRE_EXTENSION=1: a build that silently failed to load is a test failure, not a skipped test.
+# SDCA_REQUIRE_EXTENSION=1: a build that silently failed to load is a test failure, not a skipped test;
+# SDCA_CONSUMER: the C++ consumer cpp-test built (tests/deploy/test_cpp_consumer.py builds its own without it);
+# SDCA_REQUIRE_CONSUMER=1: no OpenCV to build it with is a failure, not a skip.
 py-test: setup
-	SDCA_REQUIRE_EXTENSION=1 $(BIN)/python -m pytest -q tests
+	SDCA_REQUIRE_EXTENSION=1 SDCA_REQUIRE_CONSUMER=1 SDCA_CONSUMER=$(abspath build/cmake/export/sdca_segment) \
+	  $(BIN)/python -m pytest -q tests
 
 test: cpp-test py-test
 
@@ -51,6 +57,7 @@ bench: setup
 	$(BIN)/python bench/bench_step.py
 	$(BIN)/python bench/bench_infer.py
 	$(BIN)/python bench/bench_synthdrive.py
+	$(BIN)/python bench/bench_serve.py
 
 clean:
 	rm -rf build *.egg-info sdca/_C*.so

@@ -214,29 +214,100 @@ def demo(quick, out, seed, quiet):
 
 
 @main.command()
+@click.option("--out", default="runs/experiment", show_default=True, type=click.Path(file_okay=False),
+              help="Experiment folder (one sub-folder per run, results/, report.md); SynthDrive is cached beside it.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
+@click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Runs at a time (each gets cores / jobs threads).")
+@click.option("--quick", is_flag=True, help="Tiny frame counts and iterations: checks the plumbing, measures nothing.")
+def experiment(out, seeds, jobs, quick):
+    """The controlled SynthDrive experiment the README reports: source-only, oracle, AdaBN, self-training,
+    the lambda = 0 control, SDCA (paper and public-code losses), SDCA + self-training, over several seeds, with
+    tau / lambda / batch-norm mode chosen on a validation split. Resumes where it stopped; writes OUT/report.md.
+    About an hour on 2 cores (--jobs 2)."""
+    from .engine.experiment import run_experiment
+
+    try:
+        seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"must be comma-separated integers, got {seeds!r}", param_hint="--seeds")
+    if not seed_list or 0 not in seed_list:
+        raise click.BadParameter("must include seed 0 (the validation sweep runs on it)", param_hint="--seeds")
+    path = run_experiment(out, seeds=seed_list, jobs=jobs, quick=quick, log=lambda m: click.echo(f"sdca: {m}"))
+    click.echo(f"sdca: experiment report: {path}")
+
+
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.pass_context
+def serve(ctx):
+    """Serve an exported .onnx model over HTTP (ONNX Runtime; `sdca serve MODEL.onnx --help` for options).
+
+    The service is the sdca_serve package, which needs no torch: `python -m sdca_serve MODEL.onnx` runs the same.
+    """
+    from sdca_serve.__main__ import main as serve_main
+
+    ctx.exit(serve_main(list(ctx.args), prog="sdca serve"))
+
+
+def _parse_size(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        width, height = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise click.BadParameter(f"must look like 512x256, got {value!r}") from None
+    return width, height
+
+
+@main.command()
 @click.option("--onnx", "checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
               help="Checkpoint to export (ours or a public SDCA release file).")
-@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), help="The .onnx file to write.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), help="The .onnx file to write (optional with --triton).")
 @click.option("--output", type=click.Choice(["logits", "probs", "labels"]), default="logits", show_default=True,
               help="Graph output: logits, softmax probabilities, or an in-graph argmax as uint8 labels.")
 @click.option("--fp16", is_flag=True, help="Store weights in float16 (inputs and outputs stay float32).")
 @click.option("--opset", default=18, show_default=True, help="ONNX opset (18 suits onnxruntime >= 1.17 and TensorRT 10).")
+@click.option("--static-size", callback=_parse_size, metavar="WxH",
+              help="Fix every shape (batch 1, this size) for runtimes without dynamic shapes: OpenCV's DNN module "
+                   "and the C++ consumer in export/.")
+@click.option("--triton", "triton_repo", type=click.Path(file_okay=False),
+              help="Also write a Triton Inference Server model repository here (REPO/NAME/config.pbtxt, "
+                   "REPO/NAME/1/model.onnx) with dynamic batching.")
+@click.option("--triton-name", default="sdca", show_default=True, help="The model's name in the Triton repository.")
+@click.option("--max-batch", default=8, show_default=True, help="Triton max_batch_size.")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker and the onnxruntime-vs-PyTorch parity run.")
-def export(checkpoint, out, output, fp16, opset, no_check):
-    """Export a checkpoint to ONNX: dynamic batch, height and width, upsampling to the input size in the graph,
-    class names, palette and input normalisation in the metadata; then a parity check against PyTorch."""
+def export(checkpoint, out, output, fp16, opset, static_size, triton_repo, triton_name, max_batch, no_check):
+    """Export a checkpoint to ONNX: dynamic batch, height and width (or one fixed size with --static-size),
+    upsampling to the input size in the graph, class names, palette and input normalisation in the metadata;
+    then a parity check against PyTorch. With --triton, also a Triton model repository."""
+    import tempfile
+
     from .deploy.onnx_export import export_onnx
 
+    if out is None and triton_repo is None:
+        raise click.UsageError("give -o/--out FILE.onnx, --triton REPO, or both")
+    if static_size is not None and triton_repo is not None:
+        raise click.UsageError("--triton needs the dynamic-batch export: drop --static-size")
+    target = out or os.path.join(tempfile.mkdtemp(prefix="sdca-export-"), "model.onnx")
     try:
-        report = export_onnx(checkpoint, out, output=output, fp16=fp16, opset=opset, check=not no_check)
-    except (FileNotFoundError, ValueError, RuntimeError) as exc:
+        report = export_onnx(checkpoint, target, output=output, fp16=fp16, opset=opset, check=not no_check,
+                             static_size=static_size)
+        if triton_repo is not None:
+            from .deploy.triton import write_triton_repository
+
+            folder = write_triton_repository(target, triton_repo, triton_name, max_batch_size=max_batch)
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"sdca: wrote {out} ({report['bytes'] / 2**20:.1f} MiB, output {output}, opset {opset}"
-               f"{', fp16 weights' if fp16 else ''})")
+    if out:
+        shape = f", fixed input {static_size[0]}x{static_size[1]}" if static_size else ""
+        click.echo(f"sdca: wrote {out} ({report['bytes'] / 2**20:.1f} MiB, output {output}, opset {opset}"
+                   f"{', fp16 weights' if fp16 else ''}{shape})")
     for p in report.get("parity", []):
         diff = "n/a" if p["max_abs_diff"] is None else f"{p['max_abs_diff']:.3g}"
         click.echo(f"  parity {'x'.join(map(str, p['shape']))}: max |diff| {diff}, "
                    f"label agreement {100 * p['label_agreement']:.3f}%")
+    if triton_repo is not None:
+        click.echo(f"sdca: wrote Triton model {folder} (config.pbtxt, 1/model.onnx; max_batch_size {max_batch})")
 
 
 @main.command()

@@ -43,11 +43,13 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def deploy_info(model: DeepLabV2, output: str, checkpoint: str = "", sha256: str = "") -> DeployInfo:
+def deploy_info(model: DeepLabV2, output: str, checkpoint: str = "", sha256: str = "",
+                input_size: Optional[Tuple[int, int]] = None) -> DeployInfo:
     info, norm = model.info, model.info.normalization
     return DeployInfo(class_names=list(info.class_names), palette=[tuple(c) for c in info.palette],
                       mean=tuple(norm.mean), std=tuple(norm.std), scale=norm.scale, channel_order=norm.channel_order,
                       output=output, train_size=tuple(info.train_size) if info.train_size else None,
+                      input_size=tuple(input_size) if input_size else None,
                       ignore_index=info.ignore_index, arch=info.arch, sdca_version=__version__,
                       source_checkpoint=os.path.basename(checkpoint), source_checkpoint_sha256=sha256)
 
@@ -55,7 +57,7 @@ def deploy_info(model: DeepLabV2, output: str, checkpoint: str = "", sha256: str
 def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset: int = DEFAULT_OPSET,
                 fp16: bool = False, check: bool = True,
                 parity_shapes: Sequence[Tuple[int, int, int]] = ((1, 257, 385), (2, 193, 321)),
-                max_size: int = 4096) -> dict:
+                max_size: int = 4096, static_size: Optional[Tuple[int, int]] = None) -> dict:
     """Export our checkpoint, a public SDCA checkpoint, or a model, to ``path``; returns a report.
 
     The graph takes the normalised image (see the metadata's mean, std, scale and channel order) with dynamic
@@ -63,6 +65,10 @@ def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset
     trained). With ``check``: onnx.checker, then a parity run in onnxruntime against PyTorch on inputs of the
     ``parity_shapes`` (batch, height, width); the export fails loudly when logits differ by more than 1e-4 of
     their range (2e-2 with fp16 weights) or labels agree on fewer than 99.9% of pixels (99% with fp16).
+
+    ``static_size`` = (width, height): a graph with every shape fixed (batch 1, that size) and no shape
+    arithmetic, for runtimes without dynamic shapes (OpenCV's DNN module, the C++ consumer in export/); the
+    size is recorded as ``input_size`` in the metadata and the parity run uses it.
     """
     import onnx
 
@@ -73,16 +79,24 @@ def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset
         checkpoint, model, sha = "", checkpoint_or_model.eval(), ""
     model = model.float().eval()
     wrapper = ExportWrapper(model, output).eval()
-    dims = {0: torch.export.Dim("batch", min=1, max=256), 2: torch.export.Dim("height", min=16, max=max_size),
-            3: torch.export.Dim("width", min=16, max=max_size)}
-    example = torch.randn(1, 3, 64, 96)
+    if static_size is not None:
+        width, height = (int(v) for v in static_size)
+        if width < 16 or height < 16:
+            raise ValueError(f"static_size must be at least 16x16, got {width}x{height}")
+        dynamic, example = None, torch.randn(1, 3, height, width)
+        parity_shapes = ((1, height, width),)
+    else:
+        dynamic = {"image": {0: torch.export.Dim("batch", min=1, max=256),
+                             2: torch.export.Dim("height", min=16, max=max_size),
+                             3: torch.export.Dim("width", min=16, max=max_size)}}
+        example = torch.randn(1, 3, 64, 96)
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
         with torch.no_grad():
             torch.onnx.export(wrapper, (example,), tmp, dynamo=True, external_data=False, opset_version=opset,
-                              input_names=["image"], output_names=[output], dynamic_shapes={"image": dims},
+                              input_names=["image"], output_names=[output], dynamic_shapes=dynamic,
                               verbose=False)
         proto = onnx.load(tmp)
         if fp16:
@@ -90,13 +104,14 @@ def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset
 
             proto = convert_float_to_float16(proto, keep_io_types=True)
             _sort_topologically(proto.graph)  # the converter appends its input casts after their users
-        info = deploy_info(model, output, checkpoint, sha)
+        info = deploy_info(model, output, checkpoint, sha, static_size)
         del proto.metadata_props[:]
         for key, value in info.to_props().items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, tmp)
-        report = {"path": path, "output": output, "opset": opset, "fp16": fp16, "bytes": os.path.getsize(tmp)}
+        report = {"path": path, "output": output, "opset": opset, "fp16": fp16, "bytes": os.path.getsize(tmp),
+                  "static_size": list(static_size) if static_size else None}
         if check:
             onnx.checker.check_model(tmp, full_check=True)
             report["parity"] = _parity(model, tmp, output, parity_shapes, fp16)

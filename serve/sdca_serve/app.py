@@ -1,0 +1,142 @@
+"""The HTTP service: GET /health, GET /metadata, POST /segment (FastAPI over ONNX Runtime).
+
+POST /segment takes the encoded image as the request body and answers, by ``?output=``, a label PNG (one
+byte per pixel, the class index), a colour PNG (the class palette) or JSON class shares. Frames are resized to
+the serving size (bilinear) so that any requests can share a batch; labels come back at the input size
+(nearest). Errors are JSON ``{"error": ..., "status": ...}`` with 413, 415, 422 or 503.
+"""
+# No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time.
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+
+from .batcher import DynamicBatcher, Overloaded
+from .codec import OUTPUTS, Limits, RequestError, check_content_type, decode_image, encode, resize_labels, resize_rgb
+
+
+@dataclass
+class ServeSettings:
+    model: str
+    size: Optional[Tuple[int, int]] = None  # (width, height) frames are resized to; None: from the metadata
+    max_batch: int = 8
+    max_wait_ms: float = 5.0
+    queue_size: int = 64
+    limits: Limits = field(default_factory=Limits)
+    providers: Optional[Sequence[str]] = None
+    device: str = "auto"
+    threads: int = 0
+
+
+def serving_size(settings: ServeSettings, info) -> Tuple[int, int]:
+    size = settings.size or info.input_size or info.train_size
+    if size is None:
+        raise ValueError(f"{settings.model} records no input or training size: pass --size WIDTHxHEIGHT")
+    if info.input_size and tuple(size) != tuple(info.input_size):
+        raise ValueError(f"{settings.model} was exported for {info.input_size[0]}x{info.input_size[1]} inputs only; "
+                         f"--size {size[0]}x{size[1]} cannot be served")
+    return int(size[0]), int(size[1])
+
+
+def create_app(settings: ServeSettings, segmenter=None):
+    """The FastAPI application; ``segmenter`` (anything with ``predict`` and ``info``) defaults to the model file."""
+    import contextlib
+
+    from fastapi import FastAPI, Query, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+    from starlette.concurrency import run_in_threadpool
+
+    from . import __version__
+    from .runtime import OnnxSegmenter
+
+    if segmenter is None:
+        segmenter = OnnxSegmenter(settings.model, settings.providers, settings.device, settings.threads)
+    info = segmenter.info
+    size = serving_size(settings, info)
+    batcher = DynamicBatcher(lambda frames: segmenter.predict(frames)[0], max_batch=settings.max_batch,
+                             max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await batcher.start()
+        yield
+        await batcher.stop()
+
+    app = FastAPI(title="sdca segmentation service", version=__version__, lifespan=lifespan)
+    app.state.batcher = batcher
+
+    def error(status: int, message: str, headers=None):
+        return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc: RequestError):
+        return error(exc.status, exc.message)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request, exc: Exception):  # JSON like every other error; the process goes on
+        return error(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        where = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
+        return error(422, f"invalid request: {where}")
+
+    @app.get("/health")
+    async def health():
+        ok = batcher.running
+        return JSONResponse({"status": "ok" if ok else "stopped", "queue": batcher.pending,
+                             "queue_size": settings.queue_size, "batches": batcher.stats["batches"],
+                             "frames": batcher.stats["frames"], "refused": batcher.stats["refused"]},
+                            status_code=200 if ok else 503)
+
+    @app.get("/metadata")
+    async def metadata():
+        return {"model": settings.model, "sdca_serve_version": __version__, "sdca_version": info.sdca_version,
+                "arch": info.arch, "classes": list(info.class_names), "palette": [list(c) for c in info.palette],
+                "input": {"size": list(size), "resize": "bilinear to size; labels back to the input size (nearest)",
+                          "channel_order": info.channel_order, "mean": list(info.mean), "std": list(info.std),
+                          "scale": info.scale, "formats": ["png", "jpeg", "bmp", "webp", "tiff", "ppm"]},
+                "output": {"kinds": list(OUTPUTS), "model_output": info.output},
+                "providers": list(getattr(segmenter, "providers", [])),
+                "batching": {"max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
+                             "queue_size": settings.queue_size},
+                "limits": asdict(settings.limits)}
+
+    @app.post("/segment")
+    async def segment(request: Request, output: str = Query("labels", description="labels | color | json")):
+        if output not in OUTPUTS:
+            raise RequestError(422, f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
+        check_content_type(request.headers.get("content-type"))
+        body = await _read_body(request, settings.limits.max_bytes)
+        frame = await run_in_threadpool(decode_image, body, settings.limits)
+        height, width = frame.shape[:2]
+        resized = await run_in_threadpool(resize_rgb, frame, size)
+        try:
+            labels = await batcher.submit(resized)
+        except Overloaded as exc:
+            return error(503, f"busy: {exc}; retry shortly", headers={"Retry-After": "1"})
+        labels = np.asarray(labels, dtype=np.uint8)
+        payload, media = await run_in_threadpool(
+            lambda: encode(resize_labels(labels, width, height), output, info.class_names, info.palette))
+        return Response(payload, media_type=media)
+
+    return app
+
+
+async def _read_body(request, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to be too large (Content-Length or bytes read)."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            if int(declared) > max_bytes:
+                raise RequestError(413, f"body of {int(declared)} bytes is over the limit of {max_bytes} bytes")
+        except ValueError:
+            raise RequestError(400, f"invalid Content-Length {declared!r}") from None
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise RequestError(413, f"body is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
