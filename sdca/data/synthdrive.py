@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
-GENERATOR_VERSION = "synthdrive-0.1"  # not yet calibrated or frozen (see issue 6)
+GENERATOR_VERSION = "synthdrive-1.0"  # frozen: calibrated once (issue 6), then measured; change it with the output
 
 ROAD, SIDEWALK, BUILDING, WALL, FENCE, POLE, LIGHT, SIGN, VEGETATION, TERRAIN, SKY = range(11)
 PERSON, RIDER, CAR, TRUCK, BUS, TRAIN, MOTORCYCLE, BICYCLE = range(11, 19)
@@ -50,11 +50,12 @@ SIM = DomainStyle(
     name="sim", camera_height=(1.4, 1.6), fov_deg=(80, 90), pitch=(0.40, 0.46),
     object_rate={CAR: 3.0, TRUCK: 0.3, BUS: 0.2, PERSON: 1.5, RIDER: 0.15, BICYCLE: 0.15, MOTORCYCLE: 0.1,
                  POLE: 3.0, LIGHT: 0.6, SIGN: 0.8, VEGETATION: 2.5, FENCE: 0.4, WALL: 0.5},
-    palette={ROAD: (128, 64, 128), SIDEWALK: (244, 35, 232), BUILDING: (70, 70, 70), WALL: (102, 102, 156),
-             FENCE: (190, 153, 153), POLE: (153, 153, 153), LIGHT: (250, 170, 30), SIGN: (220, 220, 0),
-             VEGETATION: (107, 142, 35), TERRAIN: (152, 251, 152), SKY: (70, 130, 180), PERSON: (220, 20, 60),
-             RIDER: (255, 0, 0), CAR: (0, 0, 142), TRUCK: (0, 0, 70), BUS: (0, 60, 100), MOTORCYCLE: (0, 0, 230),
-             BICYCLE: (119, 11, 32)},
+    # Stylised, saturated and clean, but not the label palette: a colour must not name its class outright.
+    palette={ROAD: (105, 95, 118), SIDEWALK: (190, 165, 180), BUILDING: (150, 118, 105), WALL: (172, 160, 138),
+             FENCE: (140, 118, 85), POLE: (125, 125, 138), LIGHT: (60, 60, 40), SIGN: (40, 110, 215),
+             VEGETATION: (55, 165, 40), TERRAIN: (150, 175, 75), SKY: (90, 160, 240), PERSON: (205, 60, 60),
+             RIDER: (85, 60, 185), CAR: (40, 80, 205), TRUCK: (225, 225, 212), BUS: (245, 175, 20),
+             MOTORCYCLE: (60, 60, 72), BICYCLE: (40, 95, 50)},
     colour_jitter=25.0, texture=0.0, shading=0.0, gains=(1.0, 1.0, 1.0), exposure=1.0, blur_sigma=0.0,
     noise_std=0.0, jpeg_quality=None)
 
@@ -67,7 +68,7 @@ REAL = DomainStyle(
              VEGETATION: (70, 100, 45), TERRAIN: (120, 120, 70), SKY: (185, 200, 215), PERSON: (90, 70, 60),
              RIDER: (60, 60, 90), CAR: (150, 40, 35), TRUCK: (200, 200, 190), BUS: (210, 160, 40),
              MOTORCYCLE: (40, 40, 45), BICYCLE: (30, 60, 40)},
-    colour_jitter=45.0, texture=0.18, shading=0.35, gains=(1.08, 1.0, 0.88), exposure=0.85, blur_sigma=0.8,
+    colour_jitter=30.0, texture=0.10, shading=0.35, gains=(1.08, 1.0, 0.88), exposure=0.85, blur_sigma=0.8,
     noise_std=6.0, jpeg_quality=70)
 
 STYLES = {"sim": SIM, "real": REAL}
@@ -228,7 +229,8 @@ def render(layout: Layout, style: DomainStyle, rng: np.random.Generator) -> Tupl
         low = rng.normal(0, 1, (h // 8 + 1, w // 8 + 1)).astype(np.float32)
         low = cv2.resize(low, (w, h), interpolation=cv2.INTER_LINEAR)
         fine = rng.normal(0, 0.5, (h, w)).astype(np.float32)
-        image *= (1 + style.texture * (low + fine))[..., None]
+        surface = (labels != SKY).astype(np.float32)  # real skies are smooth; surfaces carry texture
+        image *= (1 + style.texture * surface * (low + fine))[..., None]
     image *= np.asarray(style.gains, np.float32) * style.exposure
     if style.blur_sigma > 0:
         image = cv2.GaussianBlur(image, (0, 0), style.blur_sigma)

@@ -17,6 +17,7 @@ from typing import Any, List, Optional
 import yaml
 
 DATASET_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images", "synthdrive")
+ADAPT_BN_MODES = ("frozen", "train", "target")
 STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
 
 
@@ -98,7 +99,10 @@ class MethodConfig:
     multi_level: bool = True  # the output-level loss L_out
     threshold_cap: float = 0.9  # Eq. 19 thresholds are capped here, as in the public code
     self_train_from_imagenet: bool = False  # the public script restarts self-training from ImageNet weights
-    adapt_bn: str = "frozen"  # batch norm during adaptation: frozen | train
+    # Batch norm during adaptation: frozen (source statistics, not trained) | train (trained; running statistics
+    # from both domains' batches) | target (trained; each domain normalised by its own batch statistics, running
+    # statistics from target batches only, so inference uses target statistics).
+    adapt_bn: str = "frozen"
 
 
 @dataclass
@@ -274,7 +278,7 @@ def validate(cfg: Config) -> None:
           "the reference variant keeps diagonal variances, as the public code; use diag")
     check(cfg.method.tau > 0, "method.tau", "must be positive")
     check(0 <= cfg.method.delta <= 1, "method.delta", "must lie in [0, 1]")
-    check(cfg.method.adapt_bn in ("frozen", "train"), "method.adapt_bn", "must be frozen or train")
+    check(cfg.method.adapt_bn in ADAPT_BN_MODES, "method.adapt_bn", f"must be one of {', '.join(ADAPT_BN_MODES)}")
     check(cfg.amp in (None, "fp16", "bf16"), "amp", "must be fp16, bf16 or empty")
     check(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     check(cfg.data.workers >= 0, "data.workers", "must be at least 0")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import List
+from typing import List, Optional
 
 import numpy as np
 
@@ -21,26 +21,40 @@ FULL = {"frames": (300, 300, 100), "iters": (600, 300, 300), "batch": 4}
 QUICK = {"frames": (40, 40, 12), "iters": (40, 20, 20), "batch": 2}
 
 
-def demo_config(out_dir: str, quick: bool, seed: int, cache: str):
-    plan = QUICK if quick else FULL
-    n_src, n_tgt, n_test = plan["frames"]
+def synthdrive_config(run_dir: str, plan: dict, seed: int, cache: str, *, source_domain: str = "sim",
+                      val_split: str = "test", method: Optional[dict] = None):
+    """The small-model SynthDrive configuration shared by the demo and the controlled experiment.
+
+    ``plan``: frames (source, target, val), iters (source, adapt, self-train), batch. ``source_domain="real"``
+    trains on the labelled real frames that are otherwise the unlabelled target set (the oracle).
+    """
+    n_src, n_tgt, n_val = plan["frames"]
     it_src, it_adapt, it_st = plan["iters"]
     sd = lambda domain, split, n, labelled=True: {  # noqa: E731
         "kind": "synthdrive", "root": cache, "domain": domain, "split": split, "num_frames": n,
         "frame_size": [256, 128], "labelled": labelled}
-    return load_config(None, [], name=os.path.basename(os.path.abspath(out_dir)),
-                       output_dir=os.path.dirname(os.path.abspath(out_dir)), device="cpu", seed=seed,
+    source = sd("real", "train", n_tgt) if source_domain == "real" else sd("sim", "train", n_src)
+    return load_config(None, [], name=os.path.basename(os.path.abspath(run_dir)),
+                       output_dir=os.path.dirname(os.path.abspath(run_dir)), device="cpu", seed=seed,
                        model={"arch": "deeplabv2_small", "num_classes": 19, "width": 16, "bn": "train",
                               "no_pretrained": True},
-                       data={"source": sd("sim", "train", n_src), "target": sd("real", "train", n_tgt, False),
-                             "val": sd("real", "test", n_test), "source_size": [256, 128],
+                       data={"source": source, "target": sd("real", "train", n_tgt, False),
+                             "val": sd("real", val_split, n_val), "source_size": [256, 128],
                              "target_size": [256, 128], "self_train_crop": [192, 96], "batch_size": plan["batch"],
                              "workers": 1},
                        solver={"source": {"iters": it_src, "lr": 0.01}, "adapt": {"iters": it_adapt, "lr": 0.002},
                                "self_train": {"iters": it_st, "lr": 0.002},
                                "checkpoint_period": max(10, it_src // 4), "log_period": max(1, it_src // 40)},
-                       method={"variant": "paper", "covariance": "full", "tau": 0.5, "lambda_feat": 0.1,
-                               "lambda_out": 0.1, "adapt_bn": "train"})
+                       method=dict(DEMO_METHOD, **(method or {})))
+
+
+# The loss settings the demo runs: chosen by the experiment's validation sweep (README, "What SDCA does here").
+DEMO_METHOD = {"variant": "paper", "covariance": "full", "tau": 0.5, "lambda_feat": 0.1, "lambda_out": 0.1,
+               "delta": 0.9, "adapt_bn": "train"}
+
+
+def demo_config(out_dir: str, quick: bool, seed: int, cache: str):
+    return synthdrive_config(out_dir, QUICK if quick else FULL, seed, cache)
 
 
 def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, seed: int = 0, progress: bool = True) -> str:

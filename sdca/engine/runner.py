@@ -293,7 +293,7 @@ class Runner:
         cfg = self.cfg
         path = self._input_checkpoint("adapt")
         model = load_model(path, num_classes=cfg.model.num_classes, device=self.device)
-        set_batchnorm_mode(model, cfg.method.adapt_bn)
+        set_batchnorm_mode(model, "frozen" if cfg.method.adapt_bn == "frozen" else "train")
         stats = self._new_statistics(model)
         init = read_checkpoint(path).get("statistics") or {}
         if "features" not in init:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from ..method import SemanticDistribution, downsample_labels, lovasz_softmax, sdca_loss, target_mask
 from ..models import upsample_logits
 from .config import MethodConfig
+from .batchnorm import running_stats_untouched
 from .distributed import DistInfo, average_gradients
 from .loop import check_finite
 
@@ -121,8 +122,10 @@ class AdaptStep(StepBase):
         src, tgt = next(self.source), next(self.target)
         self.unreadable.update(tgt.get("skipped", ()))
         labels = src["label"].to(self.device, non_blocking=True)
+        keep_source_out = running_stats_untouched(self.model) if m.adapt_bn == "target" else contextlib.nullcontext()
         with self.autocast():
-            s_out = self.model(self.images(src))
+            with keep_source_out:
+                s_out = self.model(self.images(src))
             t_out = self.model(self.images(tgt))
         terms = self.supervised_terms(s_out.logits, labels, m.lambda_lov)
         s_labels = downsample_labels(labels, s_out.features.shape[-2:]).reshape(-1)
