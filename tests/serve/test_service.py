@@ -96,3 +96,70 @@ def test_a_thousand_requests_from_sixteen_clients_without_an_error(service):
     assert result["statuses"] == {200: 1000}
     health = json.loads(service.request("GET", "/health")[2])
     assert health["frames"] >= 1000 and health["batches"] < health["frames"]  # requests were batched
+
+
+def test_a_full_queue_answers_503_with_retry_after(served_model):
+    """A model that blocks until released: one request in the model, one waiting (queue 1), the next is refused."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import uvicorn
+
+    from sdca_serve.app import ServeSettings, create_app
+
+    from .conftest import Service, free_port
+
+    release = threading.Event()
+
+    class Blocking:
+        info = OnnxSegmenter(served_model).info
+        providers = ["test"]
+
+        def predict(self, frames, confidence=False):
+            release.wait(30)
+            return np.zeros(frames.shape[:3], np.uint8), None
+
+    port = free_port()
+    app = create_app(ServeSettings(model=served_model, size=SIZE, max_batch=1, max_wait_ms=0, queue_size=1),
+                     segmenter=Blocking())
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = Service.__new__(Service)  # reuse its request helpers against this in-process server
+    client.port = port
+    deadline = time.time() + 30
+    while not server.started and time.time() < deadline:
+        time.sleep(0.05)
+
+    def health():
+        return json.loads(client.request("GET", "/health")[2])
+
+    def wait_for(condition):
+        end = time.time() + 20
+        while not condition(health()) and time.time() < end:
+            time.sleep(0.02)
+
+    body = png(frame(0))
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            in_model = pool.submit(client.segment, body)
+            wait_for(lambda h: h["queue"] == 0 and h["frames"] == 0)
+            time.sleep(0.2)  # the batcher has taken it: the model is blocked on it
+            queued = pool.submit(client.segment, body)
+            wait_for(lambda h: h["queue"] == 1)
+            import http.client
+
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("POST", "/segment", body=body, headers={"Content-Type": "image/png"})
+            refused = conn.getresponse()
+            assert refused.status == 503 and refused.getheader("Retry-After") == "1"
+            assert json.loads(refused.read())["status"] == 503
+            conn.close()
+            release.set()
+            assert in_model.result(timeout=30)[0] == 200 and queued.result(timeout=30)[0] == 200
+        assert health()["refused"] == 1
+    finally:
+        release.set()
+        server.should_exit = True
+        thread.join(timeout=20)
