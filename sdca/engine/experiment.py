@@ -281,6 +281,16 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
         rec = (table["sdca_st"]["mean"] - table["source"]["mean"]) / gap if gap > 0 else float("nan")
         lines += ["", f"Source-only -> oracle gap: {gap:.1f} points; SDCA + self-training recovers "
                       f"{100 * rec:.0f}% of it."]
+    if table:
+        rows = list(table.values())
+        lines += ["", "## Per-class test IoU, mean over seeds", "",
+                  "| class | " + " | ".join(r["label"] for r in rows) + " |", "| --- |" + " ---: |" * len(rows)]
+        for name in rows[0]["IoU"]:
+            cells = [[v for v in r["IoU"][name] if v is not None] for r in rows]
+            if not any(cells):
+                continue
+            lines.append(f"| {name} | " + " | ".join(f"{100 * sum(c) / len(c):.1f}" if c else "n/a" for c in cells)
+                         + " |")
     lines += ["", "## Validation sweep (seed 0, validation split)", "", "| adapt_bn | lambda | tau | val mIoU |",
               "| --- | ---: | ---: | ---: |"]
     for key in sorted(os.listdir(os.path.join(exp.out_dir, "results"))):
