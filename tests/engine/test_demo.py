@@ -6,6 +6,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
+from sdca.data.synthdrive import GENERATOR_VERSION
 from sdca.engine.demo import run_demo
 
 
@@ -13,7 +14,7 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
     path = run_demo(str(out), quick=True, progress=False)
     report = open(path).read()
-    for row in ("source-only", "SDCA (adapt)", "SDCA + self-training", "**mIoU**", "synthdrive-0.1"):
+    for row in ("source-only", "SDCA (adapt)", "SDCA + self-training", "**mIoU**", GENERATOR_VERSION):
         assert row in report, row
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["source-only", "SDCA (adapt)", "SDCA + self-training"]
