@@ -93,6 +93,7 @@ class MethodConfig:
     covariance: str = "full"  # full | diag
     tau: float = 0.1
     delta: float = 0.9  # Eq. 5 target confidence threshold
+    class_balanced_mask: bool = False  # Eq. 5 with per-class thresholds min(delta, batch median) (see target_mask)
     lambda_lov: float = 0.75
     lambda_feat: float = 1.0
     lambda_out: float = 1.0

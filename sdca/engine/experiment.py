@@ -3,8 +3,9 @@
 For each seed: source-only; the target-supervised oracle; AdaBN (source-only with batch-norm statistics
 re-estimated on target images); self-training from source-only; the adapt stage with lambda_feat = lambda_out
 = 0 (same batches, same steps: the control that isolates the SDCA loss); SDCA with the paper's loss and with the
-public code's loss; SDCA + self-training. tau, lambda and the batch-norm mode are chosen by a sweep on a labelled *validation* split of the real domain (seed 0); every row
-is reported on a separate test split. Each finished piece is saved, so an interrupted run resumes.
+public code's loss; SDCA + self-training. tau, lambda, the batch-norm mode and the target mask (Eq. 5 or its
+class-balanced form) are chosen by a sweep on a labelled *validation* split of the real domain (seed 0); every
+row is reported on a separate test split. Each finished piece is saved, so an interrupted run resumes.
 """
 from __future__ import annotations
 
@@ -137,26 +138,32 @@ class Experiment:
         return {"variant": "paper", "covariance": "full"} if variant == "paper" else {"variant": "reference",
                                                                                     "covariance": "diag"}
 
-    def adapt(self, key: str, seed: int, variant: str, tau: float, lam: float, bn: str) -> dict:
+    @staticmethod
+    def tag(p: dict) -> str:
+        """A setting's name in result keys and run folders: bn, lambda, tau, and _cb for the class-balanced mask."""
+        return f"bn-{p['bn']}_lam-{p['lam']}_tau-{p['tau']}" + ("_cb" if p.get("cb") else "")
+
+    @staticmethod
+    def control_of(p: dict) -> dict:
+        """lambda = 0 trains the same whatever tau or the mask: one control per batch-norm mode."""
+        return {"bn": p["bn"], "lam": 0.0, "tau": 0.5}
+
+    def adapt(self, key: str, seed: int, variant: str, p: dict) -> dict:
         if seed == 0 and variant == "paper" and not key.startswith("sweep_"):
             # The same config and seed as a sweep point is the same (deterministic) run: reuse it.
-            done = self.result(self._sweep_key({"bn": bn, "lam": lam, "tau": 0.5 if lam == 0 else tau}))
+            done = self.result("sweep_" + self.tag(p))
             if done and not self.result(key):
                 self._save(key, done)
-        method = dict(self._variant(variant), tau=tau, lambda_feat=lam, lambda_out=lam, delta=DELTA, adapt_bn=bn)
+        method = dict(self._variant(variant), tau=p["tau"], lambda_feat=p["lam"], lambda_out=p["lam"], delta=DELTA,
+                      adapt_bn=p["bn"], class_balanced_mask=bool(p.get("cb")))
         cfg = self._cfg(key, seed, method=method)
-        return self._scored_stage(key, cfg, ["adapt"], self.init_stats(seed, variant),
-                                  {"method": method})
+        return self._scored_stage(key, cfg, ["adapt"], self.init_stats(seed, variant), {"method": method})
 
     def self_train(self, key: str, seed: int, start: dict) -> dict:
         cfg = self._cfg(key, seed)
         return self._scored_stage(key, cfg, ["pseudo-label", "self-train"], start["checkpoint"], {})
 
     # ----------------------------------------------------------------------------------------- sweep
-    @staticmethod
-    def _sweep_key(p: dict) -> str:
-        return f"sweep_bn-{p['bn']}_lam-{p['lam']}_tau-{p['tau']}"
-
     def sweep_grid(self) -> List[dict]:
         """Round 1: batch-norm mode x loss weight at tau 0.5 (lambda 0 is the control for each mode)."""
         return [{"bn": bn, "lam": lam, "tau": 0.5} for bn in SWEEP_BN for lam in SWEEP_LAMBDA]
@@ -165,17 +172,22 @@ class Experiment:
         """Round 2: tau around the round-1 best."""
         return [dict(self.best(self.sweep_grid()), tau=t) for t in SWEEP_TAU]
 
+    def sweep_balanced(self) -> List[dict]:
+        """Round 3: the class-balanced target mask at the best batch-norm mode and tau, for each lambda > 0."""
+        b = self.best(self.sweep_grid() + self.sweep_taus())
+        return [dict(b, lam=lam, cb=True) for lam in SWEEP_LAMBDA if lam > 0]
+
     def sweep_point(self, p: dict) -> dict:
-        return self.adapt(self._sweep_key(p), 0, "paper", p["tau"], p["lam"], p["bn"])
+        return self.adapt("sweep_" + self.tag(p), 0, "paper", p)
 
     def best(self, points: List[dict]) -> dict:
         """The validation-best point with lambda > 0 (lambda = 0 is the control, not a candidate)."""
         scored = [dict(p, val=self.sweep_point(p)["val"]["mIoU"] or 0.0) for p in points if p["lam"] > 0]
         b = max(scored, key=lambda p: p["val"])
-        return {"bn": b["bn"], "lam": b["lam"], "tau": b["tau"]}
+        return {k: b[k] for k in ("bn", "lam", "tau", "cb") if k in b}
 
     def choice(self) -> dict:
-        return self.best(self.sweep_grid() + self.sweep_taus())
+        return self.best(self.sweep_grid() + self.sweep_taus() + self.sweep_balanced())
 
     # ------------------------------------------------------------------------------------------ rows
     def baselines(self, seed: int) -> None:
@@ -185,17 +197,22 @@ class Experiment:
         self.init_stats(seed, "paper")
         self.init_stats(seed, "public")
 
+    def row_key(self, row: str, seed: int, choice: dict) -> str:
+        """Result key of a row; adapted rows carry their setting, so a changed choice never reuses stale runs."""
+        if row in ("source", "oracle", "adabn", "st_source"):
+            return f"s{seed}_{row}"
+        return f"s{seed}_{row}_{self.tag(self.control_of(choice) if row == 'control' else choice)}"
+
     def adapted(self, row: str, seed: int, choice: dict) -> dict:
-        bn, lam, tau = choice["bn"], choice["lam"], choice["tau"]
+        key = self.row_key(row, seed, choice)
         if row == "control":
-            return self.adapt(f"s{seed}_control", seed, "paper", tau, 0.0, bn)
+            return self.adapt(key, seed, "paper", self.control_of(choice))
         if row == "sdca_paper":
-            return self.adapt(f"s{seed}_sdca_paper", seed, "paper", tau, lam, bn)
+            return self.adapt(key, seed, "paper", choice)
         if row == "sdca_public":
-            return self.adapt(f"s{seed}_sdca_public", seed, "public", tau, lam, bn)
-        if row in ("sdca_st", "control_st"):
-            start = self.adapted(row[:-3] if row == "control_st" else "sdca_paper", seed, choice)
-            return self.self_train(f"s{seed}_{row}", seed, start)
+            return self.adapt(key, seed, "public", choice)
+        if row == "sdca_st":
+            return self.self_train(key, seed, self.adapted("sdca_paper", seed, choice))
         raise ValueError(f"unknown row {row!r}")
 
 
@@ -228,6 +245,7 @@ def run_experiment(out_dir: str = "runs/experiment", *, seeds: Sequence[int] = (
     log(f"experiment: validation sweep on seed 0 ({time.time() - start:.0f} s so far)")
     parallel([("sweep_point", (p,)) for p in exp.sweep_grid()])
     parallel([("sweep_point", (p,)) for p in exp.sweep_taus()])
+    parallel([("sweep_point", (p,)) for p in exp.sweep_balanced()])
     choice = exp.choice()
     log(f"experiment: chosen on validation: {choice}; adapted rows for every seed")
     parallel([("adapted", (row, s, choice)) for s in seeds for row in ("control", "sdca_paper", "sdca_public")])
@@ -247,7 +265,7 @@ def _mean_std(values: List[float]):
 def collect(exp: Experiment, seeds: Sequence[int], choice: dict) -> Dict[str, dict]:
     table = {}
     for row, label, bn in ROWS:
-        per_seed = [exp.result(f"s{s}_{row}") for s in seeds]
+        per_seed = [exp.result(exp.row_key(row, s, choice)) for s in seeds]
         if any(r is None for r in per_seed):
             continue
         test = [100 * (r["test"]["mIoU"] or 0.0) for r in per_seed]
@@ -270,7 +288,9 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
              f"Seeds {', '.join(map(str, seeds))}. Test-split mIoU (19 classes; a class absent from the test "
              "split is left out).", "",
              f"Chosen on the validation split (seed 0): adapt_bn={choice['bn']}, lambda_feat = lambda_out = "
-             f"{choice['lam']}, tau = {choice['tau']}, delta = {DELTA}.", "",
+             f"{choice['lam']}, tau = {choice['tau']}, delta = {DELTA}, target mask "
+             f"{'class-balanced (per-class min(delta, batch median))' if choice.get('cb') else 'Eq. 5 (fixed delta)'}.",
+             "",
              "| row | batch norm | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "| --- | --- | ---: |" + " ---: |" * len(seeds)]
     for row in table.values():
@@ -291,13 +311,15 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
                 continue
             lines.append(f"| {name} | " + " | ".join(f"{100 * sum(c) / len(c):.1f}" if c else "n/a" for c in cells)
                          + " |")
-    lines += ["", "## Validation sweep (seed 0, validation split)", "", "| adapt_bn | lambda | tau | val mIoU |",
-              "| --- | ---: | ---: | ---: |"]
+    lines += ["", "## Validation sweep (seed 0, validation split)", "",
+              "| adapt_bn | lambda | tau | target mask | val mIoU |", "| --- | ---: | ---: | --- | ---: |"]
     for key in sorted(os.listdir(os.path.join(exp.out_dir, "results"))):
         if key.startswith("sweep_"):
             r = json.load(open(os.path.join(exp.out_dir, "results", key)))
             m = r["method"]
-            lines.append(f"| {m['adapt_bn']} | {m['lambda_feat']} | {m['tau']} | {100 * (r['val']['mIoU'] or 0):.1f} |")
+            mask = "class-balanced" if m.get("class_balanced_mask") else "Eq. 5"
+            lines.append(f"| {m['adapt_bn']} | {m['lambda_feat']} | {m['tau']} | {mask} | "
+                         f"{100 * (r['val']['mIoU'] or 0):.1f} |")
     path = os.path.join(exp.out_dir, "report.md")
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(exp.out_dir, "summary.json"),

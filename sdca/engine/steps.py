@@ -129,7 +129,7 @@ class AdaptStep(StepBase):
             t_out = self.model(self.images(tgt))
         terms = self.supervised_terms(s_out.logits, labels, m.lambda_lov)
         s_labels = downsample_labels(labels, s_out.features.shape[-2:]).reshape(-1)
-        t_labels = target_mask(t_out.logits.float(), m.delta).reshape(-1)
+        t_labels = target_mask(t_out.logits.float(), m.delta, class_balanced=m.class_balanced_mask).reshape(-1)
         s_feat, t_feat = pixel_rows(s_out.features), pixel_rows(t_out.features)
         sync = self.dist.enabled
         with torch.no_grad():

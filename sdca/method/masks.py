@@ -13,15 +13,23 @@ def _confidence(logits: torch.Tensor):
     return torch.softmax(logits.detach().to(dtype), dim=1).max(dim=1)
 
 
-def target_mask(logits: torch.Tensor, delta: float = 0.9, ignore_index: int = 255) -> torch.Tensor:
+def target_mask(logits: torch.Tensor, delta: float = 0.9, ignore_index: int = 255,
+                class_balanced: bool = False) -> torch.Tensor:
     """Eq. 5: argmax class where its softmax probability is at least ``delta``, else ``ignore_index``.
 
+    ``class_balanced``: each class's threshold is min(delta, the median confidence of the pixels predicted as
+    it in this batch) -- Eq. 19's rule applied per batch -- so that classes the model is never 90% sure of
+    still get target pixels instead of the loss seeing only the confident majority classes.
     ``logits`` is [B, K, h, w] (or [N, K]); the result has the shape without the class dim, int64.
     """
     if not 0.0 <= float(delta) <= 1.0:
         raise ValueError(f"delta must lie in [0, 1], got {delta}")
     confidence, prediction = _confidence(logits)
-    return torch.where(confidence >= delta, prediction, torch.full_like(prediction, ignore_index))
+    threshold = delta
+    if class_balanced:
+        medians = class_median_thresholds(confidence, prediction, logits.shape[1], cap=None)
+        threshold = medians.to(confidence.dtype).clamp(max=delta)[prediction]
+    return torch.where(confidence >= threshold, prediction, torch.full_like(prediction, ignore_index))
 
 
 def class_median_thresholds(confidence: torch.Tensor, prediction: torch.Tensor, num_classes: int,
@@ -36,9 +44,11 @@ def class_median_thresholds(confidence: torch.Tensor, prediction: torch.Tensor, 
     check_tensor("prediction", prediction, floating=False)
     if confidence.shape != prediction.shape:
         raise ValueError(f"confidence has shape {tuple(confidence.shape)} but prediction has {tuple(prediction.shape)}")
-    conf = confidence.reshape(-1).float()
+    conf = confidence.reshape(-1)
+    if conf.dtype != torch.float64:  # float64 stays exact (a rounded median could exclude its own pixel)
+        conf = conf.float()
     pred = prediction.reshape(-1)
-    out = torch.zeros(num_classes, dtype=torch.float32, device=conf.device)
+    out = torch.zeros(num_classes, dtype=conf.dtype, device=conf.device)
     for k in range(num_classes):
         values = conf[pred == k]
         if values.numel():

@@ -10,15 +10,15 @@ from sdca.engine.experiment import ROWS, Experiment, write_report
 def test_report_means_spreads_and_recovery(tmp_path):
     exp = Experiment(str(tmp_path / "experiment"), quick=True)
     rng = np.random.default_rng(0)
+    choice = {"bn": "target", "lam": 0.1, "tau": 0.5, "cb": True}
     truth = {}
     for row, _, _ in ROWS:
         truth[row] = rng.uniform(0.1, 0.4, 3)
         for seed, value in enumerate(truth[row]):
             iou = {"road": value, "car": None}
-            exp._save(f"s{seed}_{row}", {"val": {"mIoU": value, "IoU": iou}, "test": {"mIoU": value, "IoU": iou}})
+            exp._save(exp.row_key(row, seed, choice), {"val": {"mIoU": value, "IoU": iou}, "test": {"mIoU": value, "IoU": iou}})
     exp._save("sweep_bn-train_lam-0.1_tau-0.5", {"val": {"mIoU": 0.2}, "test": {"mIoU": 0.1},
                                                   "method": {"adapt_bn": "train", "lambda_feat": 0.1, "tau": 0.5}})
-    choice = {"bn": "target", "lam": 0.1, "tau": 0.5}
     path = write_report(exp, [0, 1, 2], choice)
     summary = json.loads((tmp_path / "experiment" / "summary.json").read_text())
     for row, _, _ in ROWS:
@@ -29,7 +29,8 @@ def test_report_means_spreads_and_recovery(tmp_path):
     gap = truth["oracle"].mean() - truth["source"].mean()
     recovered = (truth["sdca_st"].mean() - truth["source"].mean()) / gap
     assert f"recovers {100 * recovered:.0f}%" in text
-    assert "adapt_bn=target" in text and "| train | 0.1 | 0.5 | 20.0 |" in text
+    assert "adapt_bn=target" in text and "class-balanced" in text and "| train | 0.1 | 0.5 | Eq. 5 | 20.0 |" in text
+    assert exp.row_key("control", 1, choice) == "s1_control_bn-target_lam-0.0_tau-0.5"  # one control per BN mode
 
 
 def test_missing_seeds_leave_a_row_out(tmp_path):

@@ -1,4 +1,5 @@
 """Target masks (Eq. 5), median thresholds and pseudo-labels (Eq. 19), label downsampling."""
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -79,3 +80,24 @@ def test_downsample_labels_takes_top_left_of_each_block(gen):
     # Non-integer ratios follow F.interpolate's nearest rule.
     odd = downsample_labels(labels, (5, 7))
     assert torch.equal(odd, F.interpolate(labels[:, None].float(), size=(5, 7), mode="nearest")[:, 0].long())
+
+
+def test_class_balanced_target_mask_is_the_per_class_median_rule(gen):
+    logits = torch.randn(2, 5, 7, 9, generator=gen, dtype=torch.float64) * 2
+    delta = 0.6
+    mask = target_mask(logits, delta=delta, class_balanced=True)
+    # Brute force in numpy: per predicted class, threshold = min(delta, lower median of its confidences).
+    p = torch.softmax(logits, 1).numpy()
+    conf, pred = p.max(1), p.argmax(1)
+    expected = np.full(pred.shape, 255)
+    for k in np.unique(pred):
+        values = np.sort(conf[pred == k])
+        threshold = min(delta, values[(len(values) - 1) // 2])
+        keep = (pred == k) & (conf >= threshold)
+        expected[keep] = k
+    np.testing.assert_array_equal(mask.numpy(), expected)
+    # Every predicted class keeps at least half of its pixels, and the rule never drops a pixel Eq. 5 keeps.
+    plain = target_mask(logits, delta=delta)
+    assert torch.all(mask[plain != 255] == plain[plain != 255])
+    for k in np.unique(pred):
+        assert (mask.numpy()[pred == k] == k).mean() >= 0.5
