@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from ..method import SemanticDistribution, downsample_labels, lovasz_softmax, sdca_loss, target_mask
 from ..models import upsample_logits
-from .config import MethodConfig
 from .batchnorm import running_stats_untouched
+from .config import MethodConfig
 from .distributed import DistInfo, average_gradients
 from .loop import check_finite
 
@@ -99,6 +99,8 @@ class AdaptStep(StepBase):
     Each step first merges the current source batch into the semantic distributions (Eq. 3-4; all ranks pool
     their batches, so statistics agree everywhere), then builds target masks by Eq. 5. The statistics live in
     the space the loss variant reads: L2-normalised rows for the paper variant, raw rows for the public one.
+    With ``adapt_bn="target"`` the source forward leaves the batch-norm running statistics alone, so that
+    inference normalises with target statistics.
     """
 
     def __init__(self, model, optimizer, source, target, feat_stats: SemanticDistribution,
