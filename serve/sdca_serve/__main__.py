@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -39,6 +40,10 @@ def parser(prog: str = "python -m sdca_serve") -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None, prog: str = "python -m sdca_serve") -> int:
     args = parser(prog).parse_args(argv)
+    if not os.path.isfile(args.model):
+        print(f"{prog}: {args.model}: no such model file (export one with `sdca export --onnx CKPT -o MODEL.onnx`)",
+              file=sys.stderr)
+        return 2
     try:
         import uvicorn
     except ImportError:

@@ -163,3 +163,16 @@ def test_a_full_queue_answers_503_with_retry_after(served_model):
         release.set()
         server.should_exit = True
         thread.join(timeout=20)
+
+
+def test_startup_errors_name_the_file(tmp_path):
+    import subprocess
+    import sys
+
+    missing = subprocess.run([sys.executable, "-m", "sdca_serve", str(tmp_path / "nope.onnx")], capture_output=True,
+                             text=True, timeout=60)
+    assert missing.returncode == 2 and "nope.onnx" in missing.stderr
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    junk = subprocess.run([sys.executable, "-m", "sdca_serve", str(tmp_path / "junk.onnx")], capture_output=True,
+                          text=True, timeout=60)
+    assert junk.returncode == 2 and "junk.onnx" in junk.stderr
