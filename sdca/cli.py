@@ -250,13 +250,14 @@ def serve(ctx):
 
 
 def _parse_size(ctx, param, value):
+    from sdca_serve.codec import parse_size
+
     if value is None:
         return None
     try:
-        width, height = (int(v) for v in value.lower().split("x"))
-    except ValueError:
-        raise click.BadParameter(f"must look like 512x256, got {value!r}") from None
-    return width, height
+        return parse_size(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command()

@@ -8,10 +8,12 @@ from typing import List, Optional
 
 
 def _size(text: str):
+    from .codec import parse_size
+
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 512x256, got {text!r}") from None
+        width, height = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     if width < 16 or height < 16:
         raise argparse.ArgumentTypeError(f"size must be at least 16x16, got {text!r}")
     return width, height

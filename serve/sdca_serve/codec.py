@@ -34,6 +34,15 @@ class Limits:
     max_pixels: int = 40_000_000
 
 
+def parse_size(text: str) -> Tuple[int, int]:
+    """'512x256' -> (512, 256); ValueError otherwise. Shared by `sdca_serve --size` and `sdca export --static-size`."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"size must look like 512x256, got {text!r}") from None
+    return width, height
+
+
 def check_content_type(content_type: Optional[str]) -> None:
     kind = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if kind not in IMAGE_TYPES:
