@@ -13,31 +13,11 @@ import argparse
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
 
 import numpy as np
 from PIL import Image
-
-
-def start(model: str, *args: str):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "sdca_serve", model, "--port", str(port), "--log-level", "warning",
-                             *args])
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
-            return proc, port
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("the service did not start")
 
 
 def main():
@@ -48,7 +28,7 @@ def main():
     ap.add_argument("--clients", type=int, default=16)
     args = ap.parse_args()
     from sdca.data.synthdrive import generate_frame
-    from sdca_serve.loadtest import load
+    from sdca_serve.loadtest import launch, load
 
     width, height = (int(v) for v in args.size.split("x"))
     tmp = tempfile.mkdtemp(prefix="bench-serve-")
@@ -73,7 +53,7 @@ def main():
     rates = {}
     for name, extra in (("dynamic batching (max 8, 5 ms)", ["--max-batch", "8", "--max-wait-ms", "5"]),
                         ("no batching (max batch 1)", ["--max-batch", "1", "--max-wait-ms", "0"])):
-        proc, port = start(model, "--size", f"{width}x{height}", "--queue", "256", *extra)
+        proc, port = launch(model, "--size", f"{width}x{height}", "--queue", "256", *extra)
         try:
             result = load(port, bodies, total=args.requests, clients=args.clients)
             health = json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health"))

@@ -1,15 +1,53 @@
-"""A bounded load run against a running service: ``total`` POST /segment requests from ``clients`` threads.
+"""Start a service on a free loopback port, and run a bounded load against it: ``total`` POST /segment requests
+from ``clients`` threads.
 
-Loopback use only (tests and bench/bench_serve.py): it stops after ``total`` requests or ``time_limit`` seconds.
+Loopback use only (tests and bench/bench_serve.py): a load stops after ``total`` requests or ``time_limit``
+seconds.
 """
 from __future__ import annotations
 
 import http.client
+import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
+
+# `python -m sdca_serve`, or the same main() behind a prefix of your own (the tests block torch and sdca first).
+MODULE = ("-m", "sdca_serve")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(model: str, *args: str, python_args: Sequence[str] = MODULE, timeout: float = 60.0,
+           **popen) -> Tuple[subprocess.Popen, int]:
+    """A service process for ``model`` on a free loopback port, returned once GET /health answers 200."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, *python_args, model, "--port", str(port), "--log-level", "warning",
+                                *args], **popen)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read() if process.stdout else ""
+            raise RuntimeError(f"the service exited with status {process.returncode}: {output}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+        try:
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return process, port
+        except OSError:
+            time.sleep(0.2)
+        finally:
+            conn.close()
+    process.kill()
+    raise RuntimeError(f"the service did not answer /health within {timeout:.0f} s")
 
 
 def load(port: int, bodies: Sequence[bytes], *, total: int = 1000, clients: int = 16, host: str = "127.0.0.1",

@@ -1,11 +1,7 @@
 """A real service process on loopback, started the way a deployment starts it, with torch and sdca unimportable."""
 import http.client
 import io
-import os
-import socket
 import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -14,6 +10,7 @@ from PIL import Image
 
 from sdca.deploy.onnx_export import export_onnx
 from sdca.models import build_model, save_checkpoint
+from sdca_serve.loadtest import launch
 
 # sys.modules[name] = None makes `import name` fail: proof that serving needs neither torch nor the training code.
 LAUNCH = ("import sys; sys.modules['torch'] = None; sys.modules['sdca'] = None; "
@@ -21,29 +18,10 @@ LAUNCH = ("import sys; sys.modules['torch'] = None; sys.modules['sdca'] = None; 
 SIZE = (128, 64)  # (width, height) the test model serves
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Service:
     def __init__(self, model: str, *args: str):
-        self.port = free_port()
-        self.process = subprocess.Popen([sys.executable, "-c", LAUNCH, model, "--port", str(self.port),
-                                         "--log-level", "warning", *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the service exited: {self.process.stdout.read()}")
-            try:
-                if self.request("GET", "/health")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError("the service did not answer /health within 60 s")
+        self.process, self.port = launch(model, *args, python_args=("-c", LAUNCH), stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True)
 
     def request(self, method, path, body=None, headers=None, timeout=30):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)

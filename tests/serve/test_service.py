@@ -108,7 +108,9 @@ def test_a_full_queue_answers_503_with_retry_after(served_model):
 
     from sdca_serve.app import ServeSettings, create_app
 
-    from .conftest import Service, free_port
+    from sdca_serve.loadtest import free_port
+
+    from .conftest import Service
 
     release = threading.Event()
 
