@@ -7,6 +7,7 @@ SDCA_NO_EXTENSION=1 (no compiled code at all; the pure-PyTorch reference is used
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -31,14 +32,37 @@ def _find_cuda_home():
     return None
 
 
-def _pip_cuda_includes():
-    """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h) ship in torch's pip dependencies."""
+def _pip_cuda_includes(cuda_home):
+    """Headers that torch's CUDA headers include (cusparse.h, cublas_v2.h), from torch's pip dependencies, and
+    only when the toolkit lacks them: the pip folders also hold cuda_runtime.h and cuda_fp16.h, which must not
+    shadow the toolkit's own the day the two versions drift."""
+    toolkit = os.path.join(cuda_home, "include") if cuda_home else None
+    if toolkit and all(os.path.isfile(os.path.join(toolkit, h)) for h in ("cublas_v2.h", "cusparse.h")):
+        return []
     found = []
     for entry in sys.path:
         found += glob.glob(os.path.join(entry, "nvidia", "cu*", "include"))
         found += glob.glob(os.path.join(entry, "nvidia", "*", "include"))
     return sorted({p for p in found if glob.glob(os.path.join(p, "cublas*.h")) or
                    glob.glob(os.path.join(p, "cusparse*.h"))})
+
+
+def _shared_cxx_runtime():
+    """The shared C++ runtime, named by its file, for the link line (Linux with GCC).
+
+    Without it, a toolchain that lacks the libstdc++.so link-time symlink makes the linker silently take
+    libstdc++.a: the extension then carries its own copy of the iostream and locale code, which crashed
+    (SIGSEGV in ostream::_M_insert<long>) the first time an error message formatted a number, in a process whose
+    locale belongs to the shared runtime. Seen on a GPU machine with torch 2.11 and GCC 13.
+    """
+    if not sys.platform.startswith("linux"):
+        return []
+    try:
+        found = subprocess.run([os.environ.get("CXX", "c++"), "-print-file-name=libstdc++.so.6"],
+                               capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [os.path.realpath(found)] if os.path.isabs(found) and os.path.isfile(found) else []
 
 
 def extension_modules():
@@ -54,12 +78,13 @@ def extension_modules():
     sources = (["csrc/ops.cpp", "csrc/python_module.cpp"] + sorted(glob.glob("csrc/*/*_autograd.cpp"))
                + sorted(glob.glob("csrc/*/cpu/*.cpp")))
     cxx = ["-O3", "-fopenmp"]  # -fopenmp: at::parallel_for's OpenMP pragmas live in headers
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    link = ["-fopenmp"] + _shared_cxx_runtime()
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=link)
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
             os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += sorted(glob.glob("csrc/*/cuda/*.cu"))
-        kwargs["include_dirs"] += _pip_cuda_includes()
+        kwargs["include_dirs"] += _pip_cuda_includes(cuda_home)
         kwargs["define_macros"] = [("WITH_CUDA", None)]
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": ["-O3", "--expt-relaxed-constexpr"]}
         ext = CUDAExtension("sdca._C", sources, **kwargs)

@@ -38,6 +38,17 @@ inline void check_loss_inputs(const at::Tensor& q, const at::Tensor& labels, con
               ": all tensors must be on one device");
 }
 
+// Labels must lie in [0, K) or equal ignore_index. On a GPU this is the one host sync the ops make for it: a
+// label that reached a kernel unchecked would index out of bounds.
+inline void check_label_range(const at::Tensor& labels, int64_t K, int64_t ignore_index, const char* op) {
+  if (labels.numel() == 0) return;
+  const at::Tensor bad = labels.ne(ignore_index).logical_and_(labels.lt(0).logical_or_(labels.ge(K)));
+  if (bad.any().item<bool>()) {
+    const int64_t value = labels.masked_select(bad)[0].item<int64_t>();
+    TORCH_CHECK(false, op, ": labels must lie in [0, ", K, ") or equal ignore_index ", ignore_index, ", got ", value);
+  }
+}
+
 // The loss kernels' inputs in the layout they read: contiguous q (its own dtype), int64 labels, and mean and
 // covariance converted to the accumulation type.
 struct LossInputs {

@@ -22,7 +22,8 @@ def test_benchmark_quick_run(tmp_path):
     assert run.returncode == 0, run.stderr
     rows = json.loads(out_json.read_text())
     assert {(r["case"], r["baseline"], r["ours"]) for r in rows} == {
-        ("diag_loss", "public", "sdca"), ("full_loss", "products", "sdca"), ("full_loss", "einsum", "sdca"),
+        ("diag_loss", "public", "sdca"), ("diag_api", "bare", "sdca"), ("full_loss", "products", "sdca"),
+        ("full_loss", "einsum", "sdca"),
         ("stats_diag", "public", "sdca"), ("stats_diag", "public", "reference"), ("stats_full", "gram", "sdca")}
     for r in rows:
         assert r["baseline_result"]["time_s"] > 0 and r["ours_result"]["time_s"] > 0

@@ -4,6 +4,7 @@
 // saved gradient. Doing it in C++ rather than in a Python backward lets autograd hand the result straight to
 // q.grad instead of copying it once more.
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -49,6 +50,12 @@ class ClosedFormLoss : public torch::autograd::Function<ClosedFormLoss> {
     const at::Tensor& grad_loss = grad_outputs[0];
     at::Tensor grad_q;
     if (grad_loss.defined()) {
+      // The gradient is a kernel output, not a function of q that autograd can see: a graph built from it would
+      // give a silently wrong second derivative, so double backward is refused instead.
+      TORCH_CHECK(!at::GradMode::is_enabled(),
+                  "sdca::closed_form_loss does not support double backward (backward with create_graph=True); "
+                  "compute this loss under sdca.ops.reference_only() (or SDCA_FORCE_REFERENCE=1) for higher-order "
+                  "gradients");
       TORCH_CHECK(grad.sym_numel() > 0,
                   "sdca::closed_form_loss was called with compute_grad=False but a gradient was requested");
       const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["q_dtype"].toInt());

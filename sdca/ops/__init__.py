@@ -44,8 +44,10 @@ def closed_form_loss(q: torch.Tensor, labels: torch.Tensor, mean: torch.Tensor, 
                      tau: float, normalize: bool = False, ignore_index: int = 255) -> torch.Tensor:
     """Per-pixel closed-form SDCA loss (Eq. 14), 0 at ignored pixels. See :func:`reference.closed_form_loss`."""
     if _use_extension(q):
+        # Under no_grad (evaluation) nothing will ask for the gradient: the kernel then skips it entirely.
+        wants_grad = q.requires_grad and torch.is_grad_enabled()
         loss, _ = torch.ops.sdca.closed_form_loss(q, labels, mean.detach(), covariance.detach(), float(tau),
-                                                  bool(normalize), int(ignore_index), q.requires_grad)
+                                                  bool(normalize), int(ignore_index), wants_grad)
         return loss
     return reference.closed_form_loss(q, labels, mean, covariance, tau, normalize, ignore_index)
 

@@ -108,3 +108,82 @@ def test_opcheck_and_bad_labels(device):
                               test_utils=("test_schema", "test_faketensor"))
     with pytest.raises(RuntimeError, match=r"outside \[0, 4\)|must lie in \[0, 4\)"):
         torch.ops.sdca.class_moments(feats, torch.full_like(labels, 9), 4, True, IGNORE)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_zero_width_features_and_many_classes(device, full):
+    """Launch edges: A = 0 with rows present, and more classes than one shared-memory window holds."""
+    feats, labels = batch(40, 0, 3, torch.float32, device, seed=2)
+    count, mean, cov = ops.class_moments(feats, labels, 3, full, IGNORE)
+    count_r, _, _ = ops.reference.class_moments(feats, labels, 3, full, IGNORE)
+    assert torch.equal(count.cpu(), count_r.cpu()) and mean.shape == (3, 0)
+    feats, labels = batch(3000, 7, 130, torch.float64, device, seed=3)
+    count, mean, cov = ops.class_moments(feats, labels, 130, full, IGNORE, torch.float64)
+    count_r, mean_r, cov_r = ops.reference.class_moments(feats, labels, 130, full, IGNORE, torch.float64)
+    assert torch.equal(count.cpu(), count_r.cpu())
+    torch.testing.assert_close(mean, mean_r, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cov.double(), cov_r, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ignore_index_inside_the_class_range(device):
+    """ignore_index wins over a class id: with ignore_index = 1 class 1 gets nothing."""
+    feats, labels = batch(500, 9, 4, torch.float64, device, seed=4)
+    labels[labels == IGNORE] = 2
+    for full in (True, False):
+        got = ops.class_moments(feats, labels, 4, full, 1, torch.float64)
+        want = ops.reference.class_moments(feats, labels, 4, full, 1, torch.float64)
+        assert int(got[0][1]) == 0
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w.double(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
+def test_cuda_moments_are_deterministic(full, monkeypatch):
+    """Fixed reduction order: the same bits on every run, and no complaint under deterministic mode."""
+    feats, labels = batch(200_000, 256, 19, torch.float32, "cuda", seed=5)
+    previous = torch.are_deterministic_algorithms_enabled()
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what deterministic mode asks of cuBLAS users
+    torch.use_deterministic_algorithms(True)
+    try:
+        first = ops.class_moments(feats, labels, 19, full, IGNORE)
+        second = ops.class_moments(feats, labels, 19, full, IGNORE)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_update_makes_no_class_by_dim_by_dim_temporary():
+    """update_statistics merges class by class: its peak extra memory stays far below one K x A x A tensor."""
+    K, A = 19, 1024
+    feats, labels = batch(20_000, A, K, torch.float32, "cuda", seed=6)
+    count = torch.zeros(K, dtype=torch.int64, device="cuda")
+    mean = torch.zeros(K, A, device="cuda")
+    cov = torch.zeros(K, A, A, device="cuda")
+    ops.update_statistics(count, mean, cov, feats, labels, IGNORE)  # warm-up: cuBLAS workspace, kernels
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    ops.update_statistics(count, mean, cov, feats, labels, IGNORE)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    # A batch covariance of the state's shape alone would be K x A x A x 4 bytes.
+    assert extra < K * A * A * 4 / 2, f"{extra / 2**20:.1f} MiB extra for a {K * A * A * 4 / 2**20:.0f} MiB state"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_moments_past_the_grid_row_limit():
+    """More rows than 65,535 x 1,024 (the old kernel's gridDim.y bound), against a float64 bincount reference."""
+    N, K = 65_535 * 1_024 + 4_097, 3
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    labels = torch.randint(K, (N,), device="cuda", generator=gen)
+    feats = (labels.to(torch.float32) * 2 + 1).unsqueeze(1)
+    count, mean, var = ops.class_moments(feats, labels, K, False, IGNORE)
+    expected = torch.bincount(labels, minlength=K)
+    assert torch.equal(count, expected)
+    torch.testing.assert_close(mean[:, 0], torch.arange(K, device="cuda", dtype=torch.float64) * 2 + 1)
+    assert float(var.abs().max()) < 1e-20  # each class is one value: nothing but rounding of its mean

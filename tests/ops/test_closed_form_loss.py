@@ -53,8 +53,10 @@ def both(q, labels, mean, cov, tau, normalize):
 
 
 # (N, A, K): the issue's grid, trimmed where the float64 reference itself would take minutes on 2 cores.
+# The diagonal shapes also cover each CUDA kernel variant: K <= 8, <= 20 and <= 32 (the tiled kernel's three
+# class widths) and K > 32 (one block per row); N and A off the tile sizes (128 rows, 32 columns).
 GRID_DIAG = [(1, 19, 2), (1000, 19, 19), (100_000, 19, 19), (100_000, 64, 16), (3000, 64, 2),
-             (2000, 2048, 19), (1, 2048, 16)]
+             (2000, 2048, 19), (1, 2048, 16), (777, 45, 30), (300, 33, 40)]
 GRID_FULL = [(1, 19, 2), (1000, 19, 19), (100_000, 19, 19), (20_000, 64, 16), (3000, 64, 2),
              (300, 2048, 2), (40, 2048, 19)]
 
@@ -149,3 +151,67 @@ def test_op_rejects_bad_input(device):
         op(q, labels, mean, cov, 0.0, False, IGNORE, False)
     with pytest.raises(RuntimeError, match="labels must be an integer"):
         op(q, labels.float(), mean, cov, 0.5, False, IGNORE, False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bad_label_is_an_error_and_the_device_survives(device):
+    """A label outside [0, K) is a clear error before any kernel runs; on a GPU the context stays usable (a
+    device-side assert would poison it for the rest of the process)."""
+    q, labels, mean, cov = inputs(300, 40, 5, False, torch.float32, device)
+    labels[7] = 5
+    for check in (True, False):
+        with pytest.raises((RuntimeError, ValueError), match=r"labels.*\[0, 5\)|outside \[0, 5\)"):
+            sdca.sdca_loss(q, labels, mean, cov, 0.5, check_labels=check)
+    labels[7] = 1
+    (loss_e, _), (loss_r, _) = both(q, labels, mean, cov, 0.5, True)
+    assert_close(loss_e, loss_r, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_gradient_is_computed_under_no_grad(device, monkeypatch):
+    """Evaluation (torch.no_grad) must not make the kernel compute and keep an N x A gradient."""
+    q, labels, mean, cov = inputs(50, 8, 3, False, torch.float32, device)
+    seen = []
+    real = torch.ops.sdca.closed_form_loss
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.sdca, "closed_form_loss", spy)
+    x = q.clone().requires_grad_(True)
+    with torch.no_grad():
+        ops.closed_form_loss(x, labels, mean, cov, 0.5, True, IGNORE)
+    ops.closed_form_loss(x, labels, mean, cov, 0.5, True, IGNORE)
+    assert seen == [False, True]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_is_refused_not_wrong(device):
+    """The op's gradient comes from the kernel, so a second derivative through it would silently be wrong."""
+    q, labels, mean, cov = inputs(20, 6, 3, False, torch.float64, device)
+    x = q.clone().requires_grad_(True)
+    loss = ops.closed_form_loss(x, labels, mean, cov, 0.5, True, IGNORE).sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # The reference supports it; the first derivative through the op is unaffected.
+    with ops.reference_only():
+        ref = ops.closed_form_loss(x, labels, mean, cov, 0.5, True, IGNORE).sum()
+    (g,) = torch.autograd.grad(ref, x, create_graph=True)
+    assert g.requires_grad
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_diag_kernels_agree_on_cuda(monkeypatch):
+    """Every CUDA diagonal kernel (the default tiled one, its 256-thread geometry, one block per row) computes the
+    same thing; an unknown choice is an error naming the variable."""
+    q, labels, mean, cov = inputs(5000, 300, 19, False, torch.float32, "cuda", seed=3)
+    default = both(q, labels, mean, cov, 0.5, True)[0]
+    for choice in ("tiled256", "rows"):
+        monkeypatch.setenv("SDCA_CUDA_DIAG_KERNEL", choice)
+        other = both(q, labels, mean, cov, 0.5, True)[0]
+        assert_close(default[0], other[0], torch.float32)
+        assert_close(default[1], other[1], torch.float32)
+    monkeypatch.setenv("SDCA_CUDA_DIAG_KERNEL", "fast")
+    with pytest.raises(RuntimeError, match="SDCA_CUDA_DIAG_KERNEL"):
+        ops.closed_form_loss(q, labels, mean, cov, 0.5, True, IGNORE)
