@@ -56,7 +56,14 @@ def _config(config, overrides, **direct):
 @click.option("--amp", type=click.Choice(["fp16", "bf16"]), help="Mixed precision (fp16 on CUDA, bf16 on CUDA or CPU).")
 @click.option("--device", help="auto (default), cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretrained, amp, device, quiet):
+@click.option("--print-recipe", is_flag=True,
+              help="Print the resolved per-stage recipe (lr, schedule, batch per process and global, batch norm, "
+                   "input, augmentation, sampling) and exit without training.")
+@click.option("--world-size", type=int, default=None, metavar="N",
+              help="With --print-recipe: the number of processes the global batches are given for "
+                   "(default: WORLD_SIZE, else 1).")
+def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretrained, amp, device, quiet,
+          print_recipe, world_size):
     """Run the SDCA pipeline: source -> init-stats -> adapt -> pseudo-label -> self-train.
 
     CONFIG is a YAML file or a packaged preset (gta5_cityscapes_r101, gta5_cityscapes_vgg16,
@@ -81,6 +88,17 @@ def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretr
     if stages:
         direct["stages"] = list(stages)
     cfg = _config(config, overrides, **direct)
+    if print_recipe:
+        from .engine import ConfigError
+        from .engine.recipe import format_recipe
+
+        if world_size is not None and world_size < 1:
+            raise click.BadParameter("must be at least 1", param_hint="--world-size")
+        try:
+            click.echo(format_recipe(cfg, world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--set / CONFIG") from None
+        return
     try:
         runner = Runner(cfg, progress=not quiet, init_checkpoint=init_checkpoint)
         result = runner.train()

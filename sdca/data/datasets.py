@@ -14,6 +14,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .io import IMAGE_EXTENSIONS, CorruptImageError, read_color_label, read_label, read_png16_first_channel, read_rgb
@@ -51,31 +52,68 @@ def _select(folder: str, pattern: str, list_file: Optional[str]) -> List[str]:
     return names
 
 
+ON_ERROR = ("skip", "raise")
+
+
+def unreadable(name: str, reason: str) -> dict:
+    """What a data set returns for a frame (or label) it cannot decode under ``on_error="skip"``: no image, the
+    name in ``skipped``. :func:`collate` leaves it out of the batch and passes the name on, so a frame is never
+    replaced by another one (which would count it twice in a pass over the set)."""
+    warnings.warn(f"skipping unreadable frame: {reason}", RuntimeWarning, stacklevel=3)
+    return {"name": name, "skipped": [name], "unreadable": reason}
+
+
+def _check_on_error(on_error: str) -> str:
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+    return on_error
+
+
 class SegmentationDataset(Dataset):
-    """(image, label) file pairs, a label decoder and a transform; the base of the labelled data sets."""
+    """(image, label) file pairs, a label decoder and a transform; the base of the labelled data sets.
+
+    ``on_error="skip"``: a pair whose image or label cannot be decoded comes back as an :func:`unreadable`
+    marker (``"raise"``: the error, naming the file). A label whose size differs from its image's (a known
+    GTA5 quirk) is resized to the image, nearest neighbour, and the pair named in ``sample["mismatched"]``: the
+    transform then takes both to the configured size, as the public loaders do.
+    """
 
     def __init__(self, image_root: str, items: Sequence[Tuple[str, Optional[str]]],
                  decode_label: Optional[Callable[[str], np.ndarray]], label_space: LabelSpace,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, on_error: str = "raise"):
         self.image_root = image_root
         self.items = list(items)
         self.decode_label = decode_label
         self.label_space = label_space
         self.transform = transform or ToTensor()
+        self.on_error = _check_on_error(on_error)
 
     def __len__(self) -> int:
         return len(self.items)
 
+    @property
+    def names(self) -> List[str]:
+        return [name for name, _ in self.items]
+
     def __getitem__(self, index: int) -> dict:
         name, label_path = self.items[index]
         image_path = os.path.join(self.image_root, name)
-        image = read_rgb(image_path)
+        try:
+            image = read_rgb(image_path)
+            label = (self.decode_label(label_path) if label_path is not None and self.decode_label is not None
+                     else None)
+        except CorruptImageError as exc:
+            if self.on_error == "raise":
+                raise
+            return unreadable(name, str(exc))
         sample = {"image": image, "name": name}
-        if label_path is not None and self.decode_label is not None:
-            label = self.decode_label(label_path)
+        if label is not None:
             if label.shape[:2] != image.shape[:2]:
-                raise ValueError(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but its image "
-                                 f"{image_path} is {image.shape[1]}x{image.shape[0]}")
+                warnings.warn(f"label {label_path} is {label.shape[1]}x{label.shape[0]} but its image {image_path} "
+                              f"is {image.shape[1]}x{image.shape[0]}: label resized (nearest)", RuntimeWarning,
+                              stacklevel=2)
+                label = np.array(Image.fromarray(label).resize((image.shape[1], image.shape[0]), Image.NEAREST))
+                sample["mismatched"] = [name]
             sample["label"] = label
         return self.transform(sample)
 
@@ -107,7 +145,7 @@ class Cityscapes(SegmentationDataset):
     """
 
     def __init__(self, root: str, split: str = "train", *, num_classes: int = 19, list_file: Optional[str] = None,
-                 transform=None, labelled: bool = True):
+                 transform=None, labelled: bool = True, on_error: str = "raise"):
         spaces = {19: (CITYSCAPES, CITYSCAPES_LABELID_TO_19), 16: (SYNTHIA_16, CITYSCAPES_LABELID_TO_16),
                   13: (CROSS_CITY_13, CROSS_CITY_LABELID_TO_13)}
         if num_classes not in spaces:
@@ -124,13 +162,14 @@ class Cityscapes(SegmentationDataset):
             items = self.pair(image_root, names, label_of)
         else:
             items = [(n, None) for n in names]
-        super().__init__(image_root, items, _id_decoder(id_map) if labelled else None, space, transform)
+        super().__init__(image_root, items, _id_decoder(id_map) if labelled else None, space, transform, on_error)
 
 
 class GTA5(SegmentationDataset):
     """``images/*.png`` with ``labels/*.png`` of the same name, Cityscapes labelIds -> 19 (or 16) classes."""
 
-    def __init__(self, root: str, *, num_classes: int = 19, list_file: Optional[str] = None, transform=None):
+    def __init__(self, root: str, *, num_classes: int = 19, list_file: Optional[str] = None, transform=None,
+                 on_error: str = "raise"):
         if num_classes not in (19, 16):
             raise ValueError(f"GTA5 maps to 19 or 16 classes, not {num_classes}")
         image_root = _require_dir(os.path.join(_require_dir(root, "GTA5"), "images"), "GTA5 images")
@@ -139,20 +178,20 @@ class GTA5(SegmentationDataset):
         items = self.pair(image_root, names, lambda n: os.path.join(label_root, n))
         space = CITYSCAPES if num_classes == 19 else SYNTHIA_16
         id_map = CITYSCAPES_LABELID_TO_19 if num_classes == 19 else CITYSCAPES_LABELID_TO_16
-        super().__init__(image_root, items, _id_decoder(id_map), space, transform)
+        super().__init__(image_root, items, _id_decoder(id_map), space, transform, on_error)
 
 
 class Synthia(SegmentationDataset):
     """SYNTHIA-RAND-CITYSCAPES: ``RGB/*.png`` with ``GT/LABELS/*.png`` (16-bit, class id in the first channel),
     mapped to the 16 classes."""
 
-    def __init__(self, root: str, *, list_file: Optional[str] = None, transform=None):
+    def __init__(self, root: str, *, list_file: Optional[str] = None, transform=None, on_error: str = "raise"):
         image_root = _require_dir(os.path.join(_require_dir(root, "SYNTHIA"), "RGB"), "SYNTHIA images")
         label_root = _require_dir(os.path.join(root, "GT", "LABELS"), "SYNTHIA labels")
         names = _select(image_root, "*.png", list_file)
         items = self.pair(image_root, names, lambda n: os.path.join(label_root, n))
         super().__init__(image_root, items, _id_decoder(SYNTHIA_ID_TO_16, read_png16_first_channel), SYNTHIA_16,
-                         transform)
+                         transform, on_error)
 
 
 class CrossCity(SegmentationDataset):
@@ -165,7 +204,7 @@ class CrossCity(SegmentationDataset):
     CITIES = ("Rome", "Rio", "Tokyo", "Taipei")
 
     def __init__(self, root: str, city: str, split: str = "test", *, list_file: Optional[str] = None,
-                 transform=None, id_map: Optional[Mapping[int, int]] = None):
+                 transform=None, id_map: Optional[Mapping[int, int]] = None, on_error: str = "raise"):
         if split not in ("train", "test"):
             raise ValueError(f"Cross-City split must be 'train' or 'test', got {split!r}")
         city_root = _require_dir(os.path.join(_require_dir(root, "Cross-City"), city), f"Cross-City {city}")
@@ -179,7 +218,7 @@ class CrossCity(SegmentationDataset):
             decode = _id_decoder(id_map or CROSS_CITY_LABELID_TO_13)
         else:
             items, decode = [(n, None) for n in names], None
-        super().__init__(image_root, items, decode, CROSS_CITY_13, transform)
+        super().__init__(image_root, items, decode, CROSS_CITY_13, transform, on_error)
 
 
 class LabelledFolder(SegmentationDataset):
@@ -198,7 +237,7 @@ class LabelledFolder(SegmentationDataset):
     """
 
     def __init__(self, images: str, labels: str, mapping: str, *, list_file: Optional[str] = None,
-                 transform=None, pattern: str = "**/*.*"):
+                 transform=None, pattern: str = "**/*.*", on_error: str = "raise"):
         import yaml
 
         image_root = _require_dir(images, "image")
@@ -227,7 +266,7 @@ class LabelledFolder(SegmentationDataset):
         suffix = spec.get("label_suffix", ".png")
         names = [n for n in _select(image_root, pattern, list_file) if n.lower().endswith(IMAGE_EXTENSIONS)]
         items = self.pair(image_root, names, lambda n: os.path.join(label_root, os.path.splitext(n)[0] + suffix))
-        super().__init__(image_root, items, decode, space, transform)
+        super().__init__(image_root, items, decode, space, transform, on_error)
 
     @staticmethod
     def _space(spec: dict, mapping: str) -> LabelSpace:
@@ -265,22 +304,21 @@ class PseudoLabelled(SegmentationDataset):
     """Target images paired with the label maps ``sdca pseudo-label`` wrote (same relative names, .png)."""
 
     def __init__(self, image_root: str, names: Sequence[str], label_dir: str, label_space: LabelSpace,
-                 transform=None):
+                 transform=None, on_error: str = "raise"):
         items = self.pair(image_root, names, lambda n: os.path.join(label_dir, os.path.splitext(n)[0] + ".png"))
-        super().__init__(image_root, items, read_label, label_space, transform)
+        super().__init__(image_root, items, read_label, label_space, transform, on_error)
 
 
 class ImageFolder(Dataset):
     """Unlabelled frames (a folder, searched recursively, jpg/png/...): the robot's real camera frames.
 
-    A frame that cannot be decoded is skipped with a warning naming it, and counted in ``failures``; the
-    item is replaced by the next readable frame. ``on_error="raise"`` makes it an error instead.
+    A frame that cannot be decoded comes back as an :func:`unreadable` marker (a warning names it, and it is
+    counted in ``failures``); :func:`collate` drops it from the batch. ``on_error="raise"`` makes it an error.
     """
 
     def __init__(self, root: str, *, list_file: Optional[str] = None, transform=None, on_error: str = "skip",
                  extensions: Sequence[str] = IMAGE_EXTENSIONS):
-        if on_error not in ("skip", "raise"):
-            raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        _check_on_error(on_error)
         self.root = _require_dir(root, "image")
         names = _select(self.root, "**/*", list_file)
         self.names = [n for n in names if n.lower().endswith(tuple(extensions))]
@@ -294,29 +332,37 @@ class ImageFolder(Dataset):
         return len(self.names)
 
     def __getitem__(self, index: int) -> dict:
-        skipped = []
-        for attempt in range(len(self.names)):
-            name = self.names[(index + attempt) % len(self.names)]
-            try:
-                image = read_rgb(os.path.join(self.root, name))
-            except CorruptImageError as exc:
-                if self.on_error == "raise":
-                    raise
-                self.failures.append((name, str(exc)))
-                skipped.append(name)
-                warnings.warn(f"skipping unreadable frame: {exc}", RuntimeWarning, stacklevel=2)
-                continue
-            # `skipped` travels with the sample, so a trainer counts failures that happened in worker processes.
-            return self.transform({"image": image, "name": name, "skipped": skipped})
-        raise CorruptImageError(f"no readable image in {self.root}")
+        name = self.names[index]
+        try:
+            image = read_rgb(os.path.join(self.root, name))
+        except CorruptImageError as exc:
+            if self.on_error == "raise":
+                raise
+            self.failures.append((name, str(exc)))
+            return unreadable(name, str(exc))
+        return self.transform({"image": image, "name": name})
 
 
 def collate(samples: List[dict]) -> dict:
-    """Stack images and labels of one size; names stay a list."""
-    out = {"image": torch.stack([s["image"] for s in samples])}
-    if all("name" in s for s in samples):
-        out["name"] = [s["name"] for s in samples]
-    if all("label" in s for s in samples):
-        out["label"] = torch.stack([s["label"] for s in samples])
-    out["skipped"] = [name for s in samples for name in s.get("skipped", ())]
+    """Stack images and labels of one size; names stay a list.
+
+    Unreadable markers are left out: their names go to ``skipped`` (and pairs whose label was resized to its
+    image to ``mismatched``), which travel with the batch so that a trainer counts what happened in worker
+    processes too. A batch of markers only has no ``image``: :func:`has_images` tells.
+    """
+    readable = [s for s in samples if "unreadable" not in s]
+    out = {"skipped": [name for s in samples for name in s.get("skipped", ())],
+           "mismatched": [name for s in readable for name in s.get("mismatched", ())]}
+    if not readable:
+        return out
+    out["image"] = torch.stack([s["image"] for s in readable])
+    if all("name" in s for s in readable):
+        out["name"] = [s["name"] for s in readable]
+    if all("label" in s for s in readable):
+        out["label"] = torch.stack([s["label"] for s in readable])
     return out
+
+
+def has_images(batch: dict) -> bool:
+    """False for a batch whose every frame was unreadable (see :func:`collate`)."""
+    return "image" in batch

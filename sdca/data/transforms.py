@@ -42,11 +42,22 @@ class ToTensor:
         return sample
 
 
-def _resize(sample: dict, size_hw: Tuple[int, int]) -> dict:
+RESIZE_MODES = ("bilinear", "bicubic")
+
+
+def resize_image(image: torch.Tensor, size_hw: Tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """[..., 3, H, W] float in [0, 1] to ``size_hw``, antialiased. ``bicubic`` is PIL's bicubic (the public code
+    resizes with PIL): torch's antialiased bicubic uses the same a = -0.5 kernel, widened when shrinking."""
+    if mode not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {mode!r}")
+    batched = image if image.dim() == 4 else image[None]
+    out = F.interpolate(batched, size=tuple(size_hw), mode=mode, align_corners=False, antialias=True).clamp_(0, 1)
+    return out if image.dim() == 4 else out[0]
+
+
+def _resize(sample: dict, size_hw: Tuple[int, int], mode: str = "bilinear") -> dict:
     h, w = size_hw
-    image = sample["image"]
-    sample["image"] = F.interpolate(image[None], size=(h, w), mode="bilinear", align_corners=False,
-                                    antialias=True)[0].clamp_(0, 1)
+    sample["image"] = resize_image(sample["image"], (h, w), mode)
     if "label" in sample:
         label = sample["label"][None, None].float()
         sample["label"] = F.interpolate(label, size=(h, w), mode="nearest")[0, 0].long()
@@ -56,29 +67,32 @@ def _resize(sample: dict, size_hw: Tuple[int, int]) -> dict:
 class Resize:
     """Resize to ``size`` = (width, height), as the public configs give sizes."""
 
-    def __init__(self, size: Sequence[int]):
+    def __init__(self, size: Sequence[int], mode: str = "bilinear"):
         self.size = (int(size[0]), int(size[1]))
+        self.mode = mode
 
     def __call__(self, sample: dict) -> dict:
         w, h = self.size
         if tuple(sample["image"].shape[-2:]) == (h, w):
             return sample
-        return _resize(sample, (h, w))
+        return _resize(sample, (h, w), self.mode)
 
     def __repr__(self) -> str:
-        return f"Resize({self.size})"
+        return f"Resize({self.size}, {self.mode})"
 
 
 class RandomScale:
-    """Scale both by a factor drawn uniformly from ``scale`` = (low, high)."""
+    """Scale both by a factor drawn uniformly from ``scale`` = (low, high), of whatever size the image has
+    (the raw file's, when no Resize precedes)."""
 
-    def __init__(self, scale: Tuple[float, float] = (0.5, 1.5)):
+    def __init__(self, scale: Tuple[float, float] = (0.5, 1.5), mode: str = "bilinear"):
         self.scale = scale
+        self.mode = mode
 
     def __call__(self, sample: dict) -> dict:
         f = random.uniform(*self.scale)
         h, w = sample["image"].shape[-2:]
-        return _resize(sample, (max(1, round(h * f)), max(1, round(w * f))))
+        return _resize(sample, (max(1, round(h * f)), max(1, round(w * f))), self.mode)
 
 
 class RandomCrop:
@@ -155,14 +169,17 @@ class GaussianBlur:
 
 def build_transform(size: Optional[Sequence[int]] = None, *, scale: Optional[Tuple[float, float]] = None,
                     crop: Optional[Sequence[int]] = None, flip: bool = False, jitter: bool = False,
-                    grayscale: float = 0.0, blur: bool = False) -> Compose:
-    """The public configs' pipeline, as options: resize (width, height), random scale, crop, flip, colour
-    jitter, random grayscale, Gaussian blur."""
+                    grayscale: float = 0.0, blur: bool = False, resize: str = "bilinear") -> Compose:
+    """The public configs' pipeline, as options: resize (width, height), random scale (of the resized image, or
+    of the raw one when ``size`` is None), crop, flip, colour jitter, random grayscale, Gaussian blur; images
+    resized with ``resize`` (bilinear | bicubic), labels with nearest neighbour."""
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {', '.join(RESIZE_MODES)}, got {resize!r}")
     steps = [ToTensor()]
     if size is not None:
-        steps.append(Resize(size))
+        steps.append(Resize(size, resize))
     if scale is not None:
-        steps.append(RandomScale(scale))
+        steps.append(RandomScale(scale, resize))
     if crop is not None:
         steps.append(RandomCrop(crop))
     if flip:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import collate
+from ..data import collate, has_images
 
 
 def _batchnorms(model: nn.Module):
@@ -57,6 +57,8 @@ def recompute_batchnorm(model: nn.Module, dataset, *, device="cpu", batch_size: 
     batches = 0
     try:
         for batch in tqdm(loader, desc="AdaBN", disable=not progress):
+            if not has_images(batch):  # every frame of it unreadable
+                continue
             model(normalize(batch["image"].to(device)))
             batches += 1
     finally:

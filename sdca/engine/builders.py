@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import (GTA5, Cityscapes, CrossCity, ImageFolder, LabelledFolder, PseudoLabelled, Synthia, build_transform,
-                    collate)
+                    collate, has_images)
 from ..models import build_model
 from .config import Config, DatasetConfig, ModelConfig, StageSolver, SolverConfig
 
@@ -19,20 +19,21 @@ def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error:
                   progress: bool = False) -> Dataset:
     """The data set a DatasetConfig describes (see the README's data table for the layouts)."""
     if ds.kind == "gta5":
-        return GTA5(ds.root, num_classes=num_classes, list_file=ds.list_file, transform=transform)
+        return GTA5(ds.root, num_classes=num_classes, list_file=ds.list_file, transform=transform, on_error=on_error)
     if ds.kind == "synthia":
-        return Synthia(ds.root, list_file=ds.list_file, transform=transform)
+        return Synthia(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
     if ds.kind == "cityscapes":
         return Cityscapes(ds.root, ds.split, num_classes=num_classes, list_file=ds.list_file, transform=transform,
-                          labelled=ds.labelled)
+                          labelled=ds.labelled, on_error=on_error)
     if ds.kind == "crosscity":
         if not ds.city:
             raise ValueError("a crosscity data set needs city: Rome, Rio, Tokyo or Taipei")
-        return CrossCity(ds.root, ds.city, ds.split, list_file=ds.list_file, transform=transform)
+        return CrossCity(ds.root, ds.city, ds.split, list_file=ds.list_file, transform=transform, on_error=on_error)
     if ds.kind == "folder":
         if not (ds.labels and ds.mapping):
             raise ValueError("a folder data set needs root (images), labels (folder) and mapping (YAML)")
-        return LabelledFolder(ds.root, ds.labels, ds.mapping, list_file=ds.list_file, transform=transform)
+        return LabelledFolder(ds.root, ds.labels, ds.mapping, list_file=ds.list_file, transform=transform,
+                              on_error=on_error)
     if ds.kind == "images":
         return ImageFolder(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
     if ds.kind == "synthdrive":
@@ -45,29 +46,32 @@ def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error:
                                 width=ds.frame_size[0], progress=progress)
         labels = os.path.join(cache.folder, "labels")
         return PseudoLabelled(os.path.join(cache.folder, "images"), cache.names(), labels, CITYSCAPES,
-                              transform) if ds.labelled else ImageFolder(os.path.join(cache.folder, "images"),
+                              transform, on_error) if ds.labelled else ImageFolder(os.path.join(cache.folder, "images"),
                                                                          transform=transform, on_error=on_error)
     raise ValueError(f"unknown data set kind {ds.kind!r}")
 
 
-def source_transform(cfg: Config):
-    d = cfg.data
-    return build_transform(size=d.source_size, jitter=d.source_jitter, grayscale=d.source_grayscale,
-                           blur=d.source_blur)
-
-
-def target_transform(cfg: Config):
-    return build_transform(size=cfg.data.target_size)
-
-
-def self_train_transform(cfg: Config):
-    d = cfg.data
-    crop = d.self_train_crop or d.target_size
-    return build_transform(size=d.target_size, scale=tuple(d.self_train_scale), crop=crop, flip=True,
-                           jitter=d.source_jitter, grayscale=d.source_grayscale, blur=d.source_blur)
-
-
 # -------------------------------------------------------------------------------------- sample streams
+class ListStream(Sampler):
+    """An endless stream over a fixed order of indices (repeated): (position, index) pairs. Under DDP rank r takes
+    every world-th position of the one global order; ``start`` skips this rank's first positions (resume)."""
+
+    def __init__(self, order, rank: int = 0, world_size: int = 1, start: int = 0):
+        if len(order) == 0:
+            raise ValueError("cannot stream an empty order")
+        self.order, self.rank, self.world_size, self.start = list(order), rank, world_size, start
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        local = self.start
+        while True:
+            pos = local * self.world_size + self.rank
+            yield pos, self.order[pos % len(self.order)]
+            local += 1
+
+    def __len__(self) -> int:
+        return 2 ** 62
+
+
 class SampleStream(Sampler):
     """An endless, deterministic stream over ``n`` items: (position, index) pairs.
 
@@ -122,21 +126,33 @@ class SeededDataset(Dataset):
 
 
 class Stream:
-    """Batches from a SampleStream, counting what was consumed (the resume position)."""
+    """Batches from a SampleStream, counting what was consumed (the resume position).
+
+    A batch whose every frame was unreadable is skipped (the next one is drawn); the names of all skipped
+    frames travel with the batch that is returned."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
-                 world_size: int = 1, consumed: int = 0):
+                 world_size: int = 1, consumed: int = 0, order=None):
         self.batch_size, self.consumed = batch_size, consumed
-        sampler = SampleStream(len(dataset), seed, rank, world_size, start=consumed)
+        sampler = (SampleStream(len(dataset), seed, rank, world_size, start=consumed) if order is None
+                   else ListStream(order, rank, world_size, start=consumed))
         self.loader = DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
                                  num_workers=workers, collate_fn=collate, drop_last=True,
                                  persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         self._it = iter(self.loader)
 
     def __next__(self) -> dict:
-        batch = next(self._it)
-        self.consumed += self.batch_size
-        return batch
+        skipped, mismatched = [], []
+        for _ in range(10_000):
+            batch = next(self._it)
+            self.consumed += self.batch_size
+            skipped += batch["skipped"]
+            mismatched += batch["mismatched"]
+            if has_images(batch):
+                batch["skipped"], batch["mismatched"] = skipped, mismatched
+                return batch
+        raise RuntimeError(f"10,000 batches in a row had no readable frame (e.g. {skipped[0]}): is the data "
+                           "set's folder readable at all?")
 
 
 # ----------------------------------------------------------------------------------- model, optimizer

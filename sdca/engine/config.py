@@ -18,6 +18,9 @@ import yaml
 
 DATASET_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images", "synthdrive")
 ADAPT_BN_MODES = ("frozen", "train", "target")
+RESIZE_MODES = ("bilinear", "bicubic")
+SAMPLING_MODES = ("uniform", "class_balanced")
+SCALE_BASES = ("size", "raw")
 STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
 
 
@@ -40,6 +43,32 @@ class DatasetConfig:
 
 
 @dataclass
+class StageData:
+    """One training stage's data. Every field left empty (null) takes the data-wide setting below it in
+    DataConfig, which is how the default and SynthDrive set-ups keep one policy for all stages; the paper
+    presets spell each stage out from the public recipe (``sdca train PRESET --print-recipe`` shows the result).
+    Batch sizes are per process: the global batch is this times the number of processes."""
+
+    batch_size: Optional[int] = None  # the stage's domain (source warm-up: source; self-train: target; adapt: both)
+    target_batch_size: Optional[int] = None  # adapt only: the target batch, when it differs from the source's
+    jitter: Optional[bool] = None  # colour jitter (.5, .5, .5, .2), always applied
+    grayscale: Optional[float] = None  # probability of grayscale
+    blur: Optional[bool] = None  # 3x3 Gaussian blur, always applied
+    flip: Optional[bool] = None  # horizontal flip, p 0.5
+    scale: Optional[List[float]] = None  # random scale range [low, high]
+    scale_base: Optional[str] = None  # size: scale after resizing to the stage's input size | raw: the file's own size
+    crop: Optional[List[int]] = None  # random crop (width, height), padded with ignore if needed
+    sampling: Optional[str] = None  # source images: uniform | class_balanced (FADA's rule; see sdca/data/sampling.py)
+
+
+@dataclass
+class StagesData:
+    source: StageData = field(default_factory=StageData)  # source warm-up
+    adapt: StageData = field(default_factory=StageData)  # its augmentation applies to source images only
+    self_train: StageData = field(default_factory=StageData)
+
+
+@dataclass
 class DataConfig:
     source: DatasetConfig = field(default_factory=lambda: DatasetConfig(kind="gta5"))
     target: DatasetConfig = field(default_factory=lambda: DatasetConfig(kind="cityscapes", labelled=False))
@@ -51,9 +80,11 @@ class DataConfig:
     source_blur: bool = True
     self_train_scale: List[float] = field(default_factory=lambda: [0.5, 1.5])
     self_train_crop: Optional[List[int]] = None  # (width, height); None: the target size
-    batch_size: int = 1  # per domain, per process
+    batch_size: int = 1  # per domain, per process (the default of every stage's batch_size)
     workers: int = 2
-    on_corrupt: str = "skip"  # unlabelled frames that cannot be read: skip (counted) | raise
+    on_corrupt: str = "skip"  # frames (or labels) that cannot be read: skip (counted, listed) | raise
+    resize: str = "bilinear"  # image resizing kernel everywhere (train, evaluation, pseudo-labels): bilinear | bicubic
+    stages: StagesData = field(default_factory=StagesData)
 
 
 @dataclass
@@ -82,6 +113,9 @@ class SolverConfig:
     source: StageSolver = field(default_factory=lambda: StageSolver(iters=20000, lr=5e-4, schedule_iters=31250))
     adapt: StageSolver = field(default_factory=lambda: StageSolver(iters=40000, lr=2.5e-4, schedule_iters=62500))
     self_train: StageSolver = field(default_factory=lambda: StageSolver(iters=20000, lr=5e-4))
+    # Which checkpoint of a stage the next one starts from: final (the default: no split is looked at) | best
+    # (the best val mIoU; with Cityscapes val as val that is the public script's selection on the reported split).
+    select: str = "final"
     checkpoint_period: int = 1000
     log_period: int = 20
     eval_period: int = 0  # 0: evaluate the val set only at the end of a stage
@@ -100,6 +134,7 @@ class MethodConfig:
     multi_level: bool = True  # the output-level loss L_out
     threshold_cap: float = 0.9  # Eq. 19 thresholds are capped here, as in the public code
     self_train_from_imagenet: bool = False  # the public script restarts self-training from ImageNet weights
+    self_train_bn: Optional[str] = None  # batch norm while self-training: frozen | train | sync; None: model.bn
     # Batch norm during adaptation: frozen (source statistics, not trained) | train (trained; running statistics
     # from both domains' batches) | target (trained; each domain normalised by its own batch statistics, running
     # statistics from target batches only, so inference uses target statistics).
@@ -284,6 +319,25 @@ def validate(cfg: Config) -> None:
     check(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     check(cfg.data.workers >= 0, "data.workers", "must be at least 0")
     check(cfg.data.on_corrupt in ("skip", "raise"), "data.on_corrupt", "must be skip or raise")
+    check(cfg.data.resize in RESIZE_MODES, "data.resize", f"must be one of {', '.join(RESIZE_MODES)}")
+    check(cfg.solver.select in ("final", "best"), "solver.select", "must be final or best")
+    check(cfg.method.self_train_bn in (None, "frozen", "train", "sync"), "method.self_train_bn",
+          "must be frozen, train, sync or empty")
+    for stage in ("source", "adapt", "self_train"):
+        sd, key = getattr(cfg.data.stages, stage), f"data.stages.{stage}"
+        for name in ("batch_size", "target_batch_size"):
+            value = getattr(sd, name)
+            check(value is None or value >= 1, f"{key}.{name}", "must be at least 1")
+        check(sd.grayscale is None or 0 <= sd.grayscale <= 1, f"{key}.grayscale", "must lie in [0, 1]")
+        check(sd.scale is None or (len(sd.scale) == 2 and 0 < sd.scale[0] <= sd.scale[1]), f"{key}.scale",
+              "must be [low, high] with 0 < low <= high")
+        check(sd.scale_base in (None,) + SCALE_BASES, f"{key}.scale_base", f"must be one of {', '.join(SCALE_BASES)}")
+        check(sd.crop is None or (len(sd.crop) == 2 and all(c > 0 for c in sd.crop)), f"{key}.crop",
+              "must be [width, height]")
+        check(sd.sampling in (None,) + SAMPLING_MODES, f"{key}.sampling",
+              f"must be one of {', '.join(SAMPLING_MODES)}")
+    check(cfg.data.stages.self_train.sampling in (None, "uniform"), "data.stages.self_train.sampling",
+          "class-balanced sampling needs labels: the self-training images are the target's")
     for key in ("source_size", "target_size"):
         size = getattr(cfg.data, key)
         check(len(size) == 2 and all(s > 0 for s in size), f"data.{key}", "must be [width, height]")

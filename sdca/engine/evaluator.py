@@ -6,10 +6,10 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from ..data import collate, trainid_to_labelid, write_png
+from ..data import collate, has_images, trainid_to_labelid, write_png
+from ..data.transforms import resize_image
 from ..method import SemanticDistribution, downsample_labels
 from ..metrics import ConfusionMatrix, PixelDiscrimination
 from ..models import upsample_logits
@@ -28,11 +28,12 @@ def standard_subsets(num_classes: int) -> Optional[Dict[str, Sequence[int]]]:
 
 @torch.no_grad()
 def predict_probabilities(model, image: torch.Tensor, out_size, size=None, scales: Sequence[float] = (1.0,),
-                          flip: bool = False):
+                          flip: bool = False, resize: str = "bilinear"):
     """Softmax probabilities [B, K, H, W] at ``out_size``, averaged over scales (and flips).
 
     ``image``: float RGB in [0, 1]; ``size`` = (width, height) the input is resized to at scale 1 (None: as
-    given). Logits are upsampled bilinearly with align_corners=True, as the public test script does.
+    given), with the ``resize`` kernel. Logits are upsampled bilinearly with align_corners=True, as the public
+    test script does.
     """
     normalize = model.info.normalization
     h0, w0 = image.shape[-2:]
@@ -40,8 +41,7 @@ def predict_probabilities(model, image: torch.Tensor, out_size, size=None, scale
     total, features = None, None
     for s in scales:
         hw = (max(8, round(base_h * s)), max(8, round(base_w * s)))
-        x = image if hw == (h0, w0) else F.interpolate(image, size=hw, mode="bilinear", align_corners=False,
-                                                      antialias=True)
+        x = image if hw == (h0, w0) else resize_image(image, hw, resize)
         x = normalize(x)
         for flipped in ((False, True) if flip else (False,)):
             out = model(x.flip(-1) if flipped else x)
@@ -56,7 +56,7 @@ def predict_probabilities(model, image: torch.Tensor, out_size, size=None, scale
 def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.0,), flip: bool = False,
              save_dir: Optional[str] = None, labelid_png: bool = False, pdd_stats: Optional[SemanticDistribution] = None,
              subsets: Optional[Dict[str, Sequence[int]]] = None, dist_info: Optional[DistInfo] = None,
-             progress: bool = True, workers: int = 0) -> dict:
+             progress: bool = True, workers: int = 0, resize: str = "bilinear") -> dict:
     """mIoU etc. of ``model`` on every item of ``dataset`` (labels at their own resolution).
 
     ``save_dir`` writes each prediction as a PNG named like the input (trainIds, or Cityscapes labelIds with
@@ -74,10 +74,14 @@ def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.
     indices = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, num_workers=workers,
                         collate_fn=collate)
+    unreadable = []
     for batch in tqdm(loader, desc="evaluate", disable=not (progress and dist_info.is_main), dynamic_ncols=True):
+        unreadable += batch["skipped"]
+        if not has_images(batch):  # an unreadable frame (on_error="skip"): left out and listed
+            continue
         image = batch["image"].to(device)
         label = batch["label"].to(device)
-        probs, features = predict_probabilities(model, image, label.shape[-2:], size, scales, flip)
+        probs, features = predict_probabilities(model, image, label.shape[-2:], size, scales, flip, resize)
         pred = probs.argmax(1)
         cm.update(pred, label)
         if pdd is not None:
@@ -92,7 +96,9 @@ def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.
     if dist_info.enabled:
         cm.all_reduce()
     summary = cm.summary(info.class_names, subsets)
-    summary["images"] = len(dataset)
+    summary["images"] = len(dataset) - len(unreadable) if not dist_info.enabled else len(dataset)
+    if unreadable:
+        summary["unreadable"] = sorted(unreadable)
     if pdd is not None:
         if dist_info.enabled:
             import torch.distributed as dist

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .._atomic import atomic_write_text
-from ..data import collate, write_png
+from ..data import collate, has_images, write_png
 from ..method import StreamingClassMedian, pseudo_labels
 from .evaluator import predict_probabilities
 
@@ -19,7 +19,7 @@ IGNORE = 255
 
 @torch.no_grad()
 def generate_pseudo_labels(model, dataset, out_dir: str, *, device, size=None, cap: Optional[float] = 0.9,
-                           progress: bool = True, workers: int = 0) -> dict:
+                           progress: bool = True, workers: int = 0, resize: str = "bilinear") -> dict:
     """Label PNGs for every image of ``dataset`` in ``out_dir`` (mirroring its names) and ``thresholds.json``.
 
     Three passes over the data, none of which keeps more than one image in memory: two for the exact
@@ -34,16 +34,23 @@ def generate_pseudo_labels(model, dataset, out_dir: str, *, device, size=None, c
     model.eval()
     loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=collate)
 
+    unreadable = set()
+
     def passes(desc):
+        # An unreadable frame comes as a batch without images: skipped in every pass, so each readable frame
+        # enters the medians exactly once and no label map is written for it.
         for batch in tqdm(loader, desc=desc, disable=not progress, dynamic_ncols=True):
+            unreadable.update(batch["skipped"])
+            if not has_images(batch):
+                continue
             image = batch["image"].to(device)
-            probs, _ = predict_probabilities(model, image, image.shape[-2:], size)
+            probs, _ = predict_probabilities(model, image, image.shape[-2:], size, resize=resize)
             yield batch, probs
 
-    unreadable = set()
     median = StreamingClassMedian(info.num_classes, device=device)
+    images = 0
     for batch, probs in passes("pseudo-label 1/3 (histogram)"):
-        unreadable.update(batch.get("skipped", ()))
+        images += 1
         conf, pred = probs.max(1)
         median.first_pass(conf, pred)
     for _, probs in passes("pseudo-label 2/3 (medians)"):
@@ -59,7 +66,7 @@ def generate_pseudo_labels(model, dataset, out_dir: str, *, device, size=None, c
         name = os.path.splitext(batch["name"][0])[0] + ".png"
         write_png(os.path.join(out_dir, name), labels.numpy().astype(np.uint8), palette=info.palette)
     report = {
-        "images": len(dataset),
+        "images": images,
         "cap": cap,
         "thresholds": dict(zip(info.class_names, thresholds.tolist())),
         "predicted_pixels": dict(zip(info.class_names, median.counts().cpu().tolist())),

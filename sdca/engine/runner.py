@@ -18,20 +18,27 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate
+from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate, has_images
+from ..data.sampling import class_balanced_order, class_sets
 from ..method import SemanticDistribution, downsample_labels
 from ..models import load_model, read_checkpoint, save_checkpoint, set_batchnorm_mode
-from .builders import (Stream, build_dataset, build_model_from_config, build_optimizer, resolve_device,
-                       self_train_transform, source_transform, target_transform)
+from .builders import Stream, build_dataset, build_model_from_config, build_optimizer, resolve_device
 from .config import Config, save_config, to_dict
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluator import evaluate, format_table, standard_subsets
 from .loop import Checkpointer, HookBase, LRSchedule, MetricsLogger, SignalHandler, TrainLoop
 from .pseudo_label import generate_pseudo_labels
+from .recipe import stage_data, stage_transform
 from .steps import AdaptStep, SupervisedStep, pixel_rows, statistics_rows
 
 log = logging.getLogger("sdca")
 STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5}
+
+
+def stream_seed(seed: int, stage: str, index: int) -> int:
+    """The sample-order seed of a stage's ``index``-th domain stream (source first): each stage and domain draws
+    its own order, so adaptation does not replay the warm-up's sequence."""
+    return seed + STAGE_SEEDS[stage] * 104_729 + index * 7919
 
 
 class Interrupted(Exception):
@@ -110,6 +117,9 @@ class Runner:
         if self.init_checkpoint and stage == self._first_stage:
             return self.init_checkpoint
         path = self.final_path(previous[stage])
+        if self.cfg.solver.select == "best" and previous[stage] in ("source", "adapt"):
+            # The public script's choice: the best val mIoU (best.pt is final.pt when there is no val set).
+            path = os.path.join(self.stage_dir(previous[stage]), "best.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"stage {stage} starts from {path}, which does not exist: run stage "
                                     f"{previous[stage]} first, or pass --init CHECKPOINT")
@@ -145,7 +155,7 @@ class Runner:
         size = self.cfg.eval.size or self.cfg.data.target_size
         summary = evaluate(model, val, device=self.device, size=size, scales=self.cfg.eval.scales,
                            flip=self.cfg.eval.flip, subsets=self._subsets(), dist_info=self.dist,
-                           progress=self.progress)
+                           progress=self.progress, resize=self.cfg.data.resize)
         if self.dist.is_main:
             log.info("%s step %d:\n%s", stage, step, format_table(summary))
             self._record({"stage": stage, "step": step, "eval": summary})
@@ -226,13 +236,27 @@ class Runner:
                 shutil.copyfile(os.path.join(folder, "final.pt"), os.path.join(folder, "best.pt"))
         summary = {"stage": stage, "done": True, "steps": loop.iter, "losses": loop.losses}
         self._record(summary)
+        self._report_data(stage, step.unreadable, step.mismatched)
         log.info("stage %s: done after %d steps, last losses %s", stage, loop.iter, loop.losses)
 
-    def _streams(self, consumed: dict, **datasets) -> dict:
+    def _streams(self, stage: str, consumed: dict, solver, **datasets) -> dict:
+        """One Stream per domain, with the stage's batch sizes and sampling. Each stage and domain draws its own
+        sample order: adaptation must not replay the warm-up's sequence."""
         d = self.cfg.data
-        return {name: Stream(ds, d.batch_size, d.workers, self.cfg.seed + i * 7919, self.dist.rank,
-                             self.dist.world_size, consumed.get(name, 0))
-                for i, (name, ds) in enumerate(datasets.items())}
+        recipe = stage_data(self.cfg, stage.replace("-", "_"))
+        streams = {}
+        for i, (name, ds) in enumerate(datasets.items()):
+            seed = stream_seed(self.cfg.seed, stage, i)
+            batch = recipe.target_batch_size if name == "target" else recipe.batch_size
+            order = None
+            if name == "source" and recipe.sampling == "class_balanced":
+                # FADA's rule over the stage's whole schedule (its picks cover iters x the global batch).
+                sets = class_sets(ds, self.cfg.model.num_classes, cache_dir=self.run_dir,
+                                  progress=self.progress and self.dist.is_main)
+                order = class_balanced_order(sets, self.cfg.model.num_classes, solver.iters, seed=seed)
+            streams[name] = Stream(ds, batch, d.workers, seed, self.dist.rank, self.dist.world_size,
+                                   consumed.get(name, 0), order=order)
+        return streams
 
     # ------------------------------------------------------------------------------------------ stages
     def run_source(self) -> None:
@@ -241,10 +265,10 @@ class Runner:
             model = load_model(self.init_checkpoint, num_classes=cfg.model.num_classes, device=self.device)
         else:
             model = build_model_from_config(cfg.model, train_size=cfg.data.source_size).to(self.device)
-        source = self._dataset("source", source_transform(cfg), labelled_required=True)
+        source = self._dataset("source", stage_transform(cfg, "source"), labelled_required=True)
 
         def make_step(optimizer, consumed):
-            streams = self._streams(consumed, source=source)
+            streams = self._streams("source", consumed, cfg.solver.source, source=source)
             step = SupervisedStep(model, optimizer, streams["source"], self.device, cfg.amp, self.dist,
                                   cfg.method.lambda_lov)
             step.consumed = lambda: {"source": streams["source"].consumed}
@@ -259,13 +283,19 @@ class Runner:
         cfg = self.cfg
         model = load_model(self._input_checkpoint("init-stats"), num_classes=cfg.model.num_classes,
                            device=self.device)
-        source = self._dataset("source", build_transform(size=cfg.data.source_size), labelled_required=True)
+        source = self._dataset("source", build_transform(size=cfg.data.source_size, resize=cfg.data.resize),
+                               labelled_required=True)
         stats = self._new_statistics(model)
         indices = list(range(self.dist.rank, len(source), self.dist.world_size))
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=cfg.data.batch_size,
                                              num_workers=cfg.data.workers, collate_fn=collate)
         normalize = model.info.normalization
+        unreadable, mismatched = set(), set()
         for batch in tqdm(loader, desc="init-stats", disable=not (self.progress and self.dist.is_main)):
+            unreadable.update(batch["skipped"])
+            mismatched.update(batch["mismatched"])
+            if not has_images(batch):
+                continue
             out = model(normalize(batch["image"].to(self.device)))
             labels = downsample_labels(batch["label"].to(self.device), out.features.shape[-2:]).reshape(-1)
             stats["features"].update(self._stat_rows(out.features), labels)
@@ -279,6 +309,7 @@ class Runner:
                             statistics={k: v.state_dict() for k, v in stats.items()}, step=0,
                             extra={"stage": "init-stats"})
         self._record({"stage": "init-stats", "done": True, "pixels": int(stats["features"].count.sum())})
+        self._report_data("init-stats", unreadable, mismatched)
 
     def _stat_rows(self, maps: torch.Tensor) -> torch.Tensor:
         return statistics_rows(pixel_rows(maps), self.cfg.method.variant)
@@ -300,28 +331,28 @@ class Runner:
             raise ValueError(f"{path} holds no semantic statistics: run stage init-stats first")
         for key in stats:
             stats[key].load_state_dict(init[key])
-        source = self._dataset("source", source_transform(cfg), labelled_required=True)
-        target = self._dataset("target", target_transform(cfg))
+        source = self._dataset("source", stage_transform(cfg, "adapt"), labelled_required=True)
+        target = self._dataset("target", stage_transform(cfg, "adapt", "target"))
 
         def make_step(optimizer, consumed):
-            streams = self._streams(consumed, source=source, target=target)
+            streams = self._streams("adapt", consumed, cfg.solver.adapt, source=source, target=target)
             step = AdaptStep(model, optimizer, streams["source"], streams["target"], stats["features"],
                              stats["outputs"] if cfg.method.multi_level else None, cfg.method, self.device,
                              cfg.amp, self.dist)
             step.consumed = lambda: {k: s.consumed for k, s in streams.items()}
-            steps.append(step)
             return step
-        steps = []
         self._train_stage("adapt", model, cfg.solver.adapt, make_step, statistics=stats)
-        self._report_unreadable("adapt", steps[0].unreadable)
 
-    def _report_unreadable(self, stage: str, names) -> None:
-        if names and self.dist.is_main:
-            log.warning("stage %s: %d unreadable target frames skipped: %s", stage, len(names),
-                        ", ".join(sorted(names)[:10]))
-            print(f"sdca: {stage}: skipped {len(names)} unreadable target frame(s), e.g. {sorted(names)[0]}",
-                  flush=True)
-        self._record({"stage": stage, "unreadable_target_frames": sorted(names)})
+    def _report_data(self, stage: str, unreadable, mismatched=()) -> None:
+        """One metrics.jsonl line per stage: the frames it skipped as unreadable and the image/label pairs of
+        different sizes it trained on after resizing the label (both listed once, by name)."""
+        for what, names in (("unreadable frame(s) skipped", unreadable),
+                            ("image/label pair(s) of different sizes, label resized", mismatched)):
+            if names and self.dist.is_main:
+                log.warning("stage %s: %d %s: %s", stage, len(names), what, ", ".join(sorted(names)[:10]))
+                if self.progress:
+                    print(f"sdca: {stage}: {len(names)} {what}, e.g. {sorted(names)[0]}", flush=True)
+        self._record({"stage": stage, "unreadable_frames": sorted(unreadable), "mismatched_pairs": sorted(mismatched)})
 
     def run_pseudo_label(self) -> None:
         cfg = self.cfg
@@ -331,9 +362,10 @@ class Runner:
         if self.dist.is_main:  # one writer; the set is read three times, which is cheap next to training
             report = generate_pseudo_labels(model, target, self.stage_dir("pseudo-label"), device=self.device,
                                             size=cfg.data.target_size, cap=cfg.method.threshold_cap,
-                                            progress=self.progress, workers=cfg.data.workers)
+                                            progress=self.progress, workers=cfg.data.workers,
+                                            resize=cfg.data.resize)
             self._record({"stage": "pseudo-label", "done": True, "ignored_share": report["ignored_share"]})
-            self._report_unreadable("pseudo-label", report["unreadable"])
+            self._report_data("pseudo-label", report["unreadable"])
 
     def run_self_train(self) -> None:
         cfg = self.cfg
@@ -342,20 +374,29 @@ class Runner:
         else:
             model = load_model(self._input_checkpoint("self-train"), num_classes=cfg.model.num_classes,
                                device=self.device)
+        if cfg.method.self_train_bn is not None and model.info.arch != "deeplabv2_vgg16":
+            # The public R101 self-training trains (synced) batch norm where the earlier stages froze it.
+            model = set_batchnorm_mode(model, cfg.method.self_train_bn)
+            model.info.bn = cfg.method.self_train_bn
         label_dir = self.stage_dir("pseudo-label")
-        if not os.path.isfile(os.path.join(label_dir, "thresholds.json")):
+        thresholds = os.path.join(label_dir, "thresholds.json")
+        if not os.path.isfile(thresholds):
             raise FileNotFoundError(f"self-training reads pseudo-labels from {label_dir}: run stage pseudo-label "
                                     "first")
+        with open(thresholds) as f:
+            unlabelled = set(json.load(f).get("unreadable", ()))  # no pseudo-label was written for these
         target = self._dataset("target", None)
         root = target.root if isinstance(target, ImageFolder) else target.image_root
-        names = target.names if isinstance(target, ImageFolder) else [n for n, _ in target.items]
+        names = [n for n in target.names if n not in unlabelled]
         space = LabelSpace("model", tuple(model.info.class_names), tuple(model.info.palette))
-        labelled = PseudoLabelled(root, names, label_dir, space, self_train_transform(cfg))
+        labelled = PseudoLabelled(root, names, label_dir, space, stage_transform(cfg, "self_train"),
+                                  cfg.data.on_corrupt)
 
         def make_step(optimizer, consumed):
-            streams = self._streams(consumed, target=labelled)
+            streams = self._streams("self-train", consumed, cfg.solver.self_train, target=labelled)
             step = SupervisedStep(model, optimizer, streams["target"], self.device, cfg.amp, self.dist, 0.0)
             step.consumed = lambda: {"target": streams["target"].consumed}
+            step.unreadable.update(unlabelled)  # left out from the start: listed with this stage's skips
             return step
         self._train_stage("self-train", model, cfg.solver.self_train, make_step)
 

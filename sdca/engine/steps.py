@@ -37,6 +37,14 @@ class StepBase:
         use_scaler = self.amp_dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.normalize = model.info.normalization
+        # Frames skipped because they could not be decoded, and pairs whose label was resized to its image, as
+        # the batches report them (their names travel with the batch, from whichever worker read them).
+        self.unreadable, self.mismatched = set(), set()
+
+    def note(self, batch: dict) -> dict:
+        self.unreadable.update(batch.get("skipped", ()))
+        self.mismatched.update(batch.get("mismatched", ()))
+        return batch
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -83,7 +91,7 @@ class SupervisedStep(StepBase):
         self.stream, self.lambda_lov = stream, lambda_lov
 
     def run_step(self, iteration: int) -> Dict[str, float]:
-        batch = next(self.stream)
+        batch = self.note(next(self.stream))
         labels = batch["label"].to(self.device, non_blocking=True)
         with self.autocast():
             out = self.model(self.images(batch))
@@ -108,7 +116,6 @@ class AdaptStep(StepBase):
         super().__init__(model, optimizer, device, amp, dist_info)
         self.source, self.target, self.method = source, target, method
         self.feat_stats, self.out_stats = feat_stats, out_stats
-        self.unreadable = set()  # target frames skipped because they could not be decoded
 
     def _stat_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return statistics_rows(rows, self.method.variant)
@@ -121,8 +128,7 @@ class AdaptStep(StepBase):
 
     def run_step(self, iteration: int) -> Dict[str, float]:
         m = self.method
-        src, tgt = next(self.source), next(self.target)
-        self.unreadable.update(tgt.get("skipped", ()))
+        src, tgt = self.note(next(self.source)), self.note(next(self.target))
         labels = src["label"].to(self.device, non_blocking=True)
         keep_source_out = running_stats_untouched(self.model) if m.adapt_bn == "target" else contextlib.nullcontext()
         with self.autocast():

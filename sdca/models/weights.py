@@ -67,12 +67,14 @@ def _compare(model_state: Dict[str, torch.Tensor], incoming: Dict[str, torch.Ten
 
 
 def load_torchvision_weights(model: DeepLabV2, path: str) -> LoadReport:
-    """Load a torchvision ImageNet file (resnet101-*.pth, resnet50-*.pth, vgg16-*.pth) into the backbone.
+    """Load an ImageNet file (torchvision resnet101-*.pth, resnet50-*.pth, vgg16-*.pth, or the Caffe-converted
+    vgg16-00b39a1b.pth the public VGG code uses) into the backbone.
 
     The classification head (fc / classifier) is ignored. For VGG-16, fc6 and fc7 of DeepLab-LargeFOV have
-    no ImageNet counterpart and keep their random initialisation, as in the public code; such a model also
-    switches to torchvision's RGB/ImageNet input normalisation, since that is what those weights expect.
-    Raises ValueError with the report when anything else is missing, unexpected or of the wrong shape.
+    no ImageNet counterpart and keep their random initialisation, as in the public code, and the model takes
+    the input convention of the file (:func:`vgg16_convention`): BGR x 255 minus the Caffe mean for the
+    Caffe-converted weights, RGB with ImageNet mean/std for torchvision's. Raises ValueError with the key-by-key
+    report when anything else is missing, unexpected or of the wrong shape.
     """
     state = _read(path)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -90,12 +92,14 @@ def load_torchvision_weights(model: DeepLabV2, path: str) -> LoadReport:
                 mapped["backbone." + key] = value
         allowed = ()
     elif arch == "deeplabv2_vgg16":
+        convention = vgg16_convention(state, path)
+        head = VGG16_CLASSIFIER_KEYS[convention]
         for key, value in state.items():
             m = re.fullmatch(r"features\.(\d+)\.(weight|bias)", key)
             if m and int(m.group(1)) in VGG16_TORCHVISION_INDEX:
                 mapped[f"backbone.{VGG16_TORCHVISION_INDEX[int(m.group(1))]}.{m.group(2)}"] = value
-            elif key.startswith("classifier."):
-                report.ignored.append(key)
+            elif key in head:
+                report.ignored.append(key)  # the ImageNet classifier: DeepLab-LargeFOV has fc6/fc7 of its own
             else:
                 mapped[key] = value  # reported as unexpected below
         allowed = ("backbone.29.weight", "backbone.29.bias", "backbone.31.weight", "backbone.31.bias")
@@ -106,8 +110,30 @@ def load_torchvision_weights(model: DeepLabV2, path: str) -> LoadReport:
         raise ValueError(f"these weights do not fit {arch}:\n{report}")
     model.load_state_dict(mapped, strict=False)
     if arch == "deeplabv2_vgg16":
-        model.info.normalization = IMAGENET
+        # Each VGG-16 file expects its own input: the Caffe one BGR x 255 minus the Caffe mean (the public
+        # code's), torchvision's RGB in [0, 1] with ImageNet mean and std.
+        model.info.normalization = CAFFE_BGR if convention == "caffe" else IMAGENET
     return report
+
+
+# The ImageNet classifier of each VGG-16 file layout (Linear layers only): torchvision's Sequential puts them at
+# 0, 3, 6; the Caffe-converted file (vgg16-00b39a1b.pth) was written from a Sequential that starts with Dropout,
+# so they sit at 1, 4, 6.
+VGG16_CLASSIFIER_KEYS = {
+    "torchvision": {f"classifier.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")},
+    "caffe": {f"classifier.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias")},
+}
+CAFFE_VGG16_FILE = "vgg16-00b39a1b"
+
+
+def vgg16_convention(state: Dict[str, torch.Tensor], path: str = "") -> str:
+    """'caffe' or 'torchvision', read off the file: its classifier keys first, its published name otherwise."""
+    keys = {k for k in state if k.startswith("classifier.")}
+    shared = VGG16_CLASSIFIER_KEYS["torchvision"] & VGG16_CLASSIFIER_KEYS["caffe"]  # the last layer, at 6 in both
+    for convention, head in VGG16_CLASSIFIER_KEYS.items():
+        if keys - shared and keys <= head:
+            return convention
+    return "caffe" if CAFFE_VGG16_FILE in os.path.basename(path) else "torchvision"
 
 
 def _strip_module(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

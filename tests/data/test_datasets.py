@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from sdca.data import (GTA5, Cityscapes, CorruptImageError, CrossCity, ImageFolder, LabelledFolder, Synthia,
-                       build_transform, collate, trainid_to_labelid)
+                       build_transform, collate, has_images, trainid_to_labelid)
 
 # The label tables of shared/reference/public_code_facts.md, written out again here as the expectation.
 LABELID_TO_19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
@@ -149,7 +149,14 @@ def test_image_folder_recursive_skips_corrupt_frames(tmp_path):
     assert ds.names == ["a/0001.jpg", "a/b/0002.png", "a/b/0003.png"]
     with pytest.warns(RuntimeWarning, match="0003.png"):
         item = ds[2]
-    assert item["name"] == "a/0001.jpg" and ds.failures[0][0] == "a/b/0003.png"
+    # Skipped, never replaced by another frame: a pass over the set sees each readable frame once.
+    assert "image" not in item and item["skipped"] == ["a/b/0003.png"] and ds.failures[0][0] == "a/b/0003.png"
+    with pytest.warns(RuntimeWarning):
+        batch = collate([ds[0], ds[2], ds[1]])
+    assert batch["name"] == ["a/0001.jpg", "a/b/0002.png"] and batch["image"].shape[0] == 2
+    assert batch["skipped"] == ["a/b/0003.png"] and has_images(batch)
+    with pytest.warns(RuntimeWarning):
+        assert not has_images(collate([ds[2]]))
     with pytest.raises(CorruptImageError, match="0003.png"):
         ImageFolder(str(root), on_error="raise")[2]
 
@@ -164,13 +171,20 @@ def test_bad_input_names_the_file(tmp_path):
     os.makedirs(gta / "labels", exist_ok=True)
     with pytest.raises(FileNotFoundError, match="00002.png has no label: expected .*labels/00002.png"):
         GTA5(str(gta))
-    save_gray(str(gta / "labels/00002.png"), np.zeros((5, 6)))
-    with pytest.raises(ValueError, match="label .*00002.png is 6x5 but its image .*00002.png is 6x6"):
-        GTA5(str(gta))[1]
+    # A label of another size (a known GTA5 quirk) is resized to its image, nearest, and the pair named.
+    rows = np.repeat(np.array([7, 26, 7, 26, 7])[:, None], 6, axis=1)  # labelIds: road, car per row
+    save_gray(str(gta / "labels/00002.png"), rows)
+    with pytest.warns(RuntimeWarning, match="label .*00002.png is 6x5 but its image .*00002.png is 6x6"):
+        item = GTA5(str(gta))[1]
+    assert item["mismatched"] == ["00002.png"] and tuple(item["label"].shape) == (6, 6)
+    nearest = np.array(Image.fromarray(rows.astype(np.uint8)).resize((6, 6), Image.NEAREST))
+    assert np.array_equal(item["label"].numpy(), np.where(nearest == 7, 0, 13))  # road -> 0, car -> 13
     save_gray(str(gta / "labels/00002.png"), np.zeros((6, 6)))
     (gta / "images/00002.png").write_bytes((gta / "images/00002.png").read_bytes()[:60])
     with pytest.raises(CorruptImageError, match="00002.png"):
         GTA5(str(gta))[1]
+    with pytest.warns(RuntimeWarning, match="00002.png"):
+        assert GTA5(str(gta), on_error="skip")[1]["skipped"] == ["00002.png"]
     lst = tmp_path / "list.txt"
     lst.write_text("00001.png\n00009.png\n")
     with pytest.raises(FileNotFoundError, match="00009.png"):

@@ -70,10 +70,11 @@ def test_adapt_bn_target_takes_running_statistics_from_target_batches_only(tiny_
     start = load_model(str(tmp / "runs" / "tiny" / "init-stats" / "final.pt"))
     cfg.solver.adapt.lr = 1e-30
     runner = Runner(cfg, progress=False)
-    from sdca.engine.builders import Stream, target_transform
+    from sdca.engine.recipe import stage_transform
 
-    target = runner._dataset("target", target_transform(cfg))
-    stream = Stream(target, cfg.data.batch_size, 0, cfg.seed + 1 * 7919, 0, 1, 0)  # the adapt stage's target stream
+    target = runner._dataset("target", stage_transform(cfg, "adapt", "target"))
+    source = runner._dataset("source", stage_transform(cfg, "adapt"), labelled_required=True)
+    stream = runner._streams("adapt", {}, cfg.solver.adapt, source=source, target=target)["target"]  # adapt's own
     runner.train(["adapt"])
     adapted = load_model(str(tmp / "runs" / "tiny" / "adapt" / "final.pt"))
     first = lambda m: next(x for x in m.modules() if isinstance(x, nn.BatchNorm2d))  # noqa: E731

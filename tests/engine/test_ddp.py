@@ -66,7 +66,9 @@ def test_ddp_adapt_ranks_agree_and_statistics_pool_both_ranks(tiny_data):
     # same statistics.
     frozen = {**config, "solver": {**config["solver"], "adapt": {"iters": 3, "lr": 1e-30}}}
     f0, _ = torchrun(tmp, frozen, init, "frozen")
-    from sdca.engine.builders import Stream, build_dataset, source_transform
+    from sdca.engine.builders import Stream, build_dataset
+    from sdca.engine.recipe import stage_transform
+    from sdca.engine.runner import stream_seed
     from sdca.method import SemanticDistribution, downsample_labels
     from sdca.models import load_model, read_checkpoint
 
@@ -74,8 +76,8 @@ def test_ddp_adapt_ranks_agree_and_statistics_pool_both_ranks(tiny_data):
     model = load_model(str(init))
     model.train()
     stats = {k: SemanticDistribution.from_state_dict(v) for k, v in read_checkpoint(str(init))["statistics"].items()}
-    source = build_dataset(cfg.data.source, 19, source_transform(cfg))
-    streams = [Stream(source, 1, 0, cfg.seed, rank, 2) for rank in range(2)]
+    source = build_dataset(cfg.data.source, 19, stage_transform(cfg, "source"))
+    streams = [Stream(source, 1, 0, stream_seed(cfg.seed, "adapt", 0), rank, 2) for rank in range(2)]
     with torch.no_grad():
         for _ in range(3):
             batches = [next(s) for s in streams]

@@ -45,7 +45,8 @@ def test_all_stages_write_their_outputs(tiny_data):
 
 
 def test_source_loss_falls_on_a_fixed_batch(tiny_data):
-    from sdca.engine.builders import build_dataset, build_optimizer, source_transform
+    from sdca.engine.builders import build_dataset, build_optimizer
+    from sdca.engine.recipe import stage_transform
     from sdca.engine.distributed import DistInfo
     from sdca.engine.steps import SupervisedStep
     from sdca.data import collate
@@ -55,7 +56,7 @@ def test_source_loss_falls_on_a_fixed_batch(tiny_data):
     cfg = load_config(None, [], **config)
     torch.manual_seed(0)
     model = build_model("deeplabv2_small", 19, width=8)
-    dataset = build_dataset(cfg.data.source, 19, source_transform(cfg))
+    dataset = build_dataset(cfg.data.source, 19, stage_transform(cfg, "source"))
     batch = collate([dataset[0], dataset[1]])
     optimizer = build_optimizer(model, cfg.solver, cfg.solver.source)
 
@@ -115,15 +116,44 @@ def test_non_finite_loss_stops_with_the_step_and_term(tiny_data, monkeypatch):
     assert not (tmp / "runs" / "tiny" / "source" / "final.pt").exists()
 
 
-def test_unreadable_target_frames_are_counted_not_fatal(tiny_data):
+def _as_cityscapes(tmp, images):
+    """The same frames in Cityscapes' layout: leftImg8bit/train/{city}/{name}_leftImg8bit.png."""
+    root = tmp / "cityscapes"
+    for path in sorted(images.rglob("*.png")):
+        city = path.parent.name
+        out = root / "leftImg8bit" / "train" / city / f"{path.stem}_leftImg8bit.png"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(path.read_bytes())
+    return root
+
+
+@pytest.mark.parametrize("kind", ["images", "cityscapes"])
+def test_a_truncated_target_frame_is_skipped_by_every_stage(tiny_data, kind):
+    """adapt, pseudo-label and self-train finish on a target set with one truncated frame; each stage lists it
+    once in metrics.jsonl; the Eq. 19 medians count every readable frame exactly once; no label map is written
+    for it."""
     tmp, config = tiny_data
-    bad = tmp / "real" / "images" / "seq1" / "f001.png"
+    images = tmp / "real" / "images"
+    bad = images / "seq1" / "f001.png"
     bad.write_bytes(bad.read_bytes()[:80])
-    run(config, stages=["source", "init-stats", "adapt", "pseudo-label"])
+    if kind == "cityscapes":
+        config["data"]["target"] = {"kind": "cityscapes", "root": str(_as_cityscapes(tmp, images)), "labelled": False}
+        bad_name = "seq1/f001_leftImg8bit.png"
+    else:
+        bad_name = "seq1/f001.png"
+    run(config, stages=["source", "init-stats", "adapt", "pseudo-label", "self-train"])
     records = [json.loads(line) for line in (tmp / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
-    reported = {r["stage"]: r["unreadable_target_frames"] for r in records if "unreadable_target_frames" in r}
-    assert reported["pseudo-label"] == ["seq1/f001.png"]
-    assert reported["adapt"] in ([], ["seq1/f001.png"])  # the adapt stream may not reach it in 3 steps
+    listed = {r["stage"]: r["unreadable_frames"] for r in records if "unreadable_frames" in r}
+    # 3 adapt steps of 2 frames consume one permutation of the 6 target frames, so adapt meets it too.
+    assert listed == {"source": [], "init-stats": [], "adapt": [bad_name], "pseudo-label": [bad_name],
+                      "self-train": [bad_name]}
+    assert (tmp / "runs" / "tiny" / "self-train" / "final.pt").exists()
+    report = json.loads((tmp / "runs" / "tiny" / "pseudo-label" / "thresholds.json").read_text())
+    assert report["images"] == 5 and report["unreadable"] == [bad_name]
+    assert sum(report["predicted_pixels"].values()) == 5 * 32 * 64  # each readable frame once, at its size
+    written = sorted(p.relative_to(tmp / "runs" / "tiny" / "pseudo-label").as_posix()
+                     for p in (tmp / "runs" / "tiny" / "pseudo-label").rglob("*.png"))
+    assert len(written) == 5 and bad_name.replace(".png", "") + ".png" not in written
 
 
 def test_pseudo_label_thresholds_are_the_brute_force_medians(tiny_data):
@@ -167,3 +197,60 @@ def test_bf16_autocast_on_the_cpu(tiny_data):
     adapt = [r for r in records if r.get("stage") == "adapt" and r.get("done")][0]
     assert all(np.isfinite(v) for v in adapt["losses"].values())
     assert {"loss_ce", "loss_lovasz", "loss_feat", "loss_out"} <= set(adapt["losses"])
+
+
+def test_a_gta5_pair_of_different_sizes_trains_and_is_reported(tiny_data):
+    """The public loaders resize image and label independently, so GTA5's few mismatched pairs train; so do
+    ours (label resized to its image, nearest), and the pair is listed in metrics.jsonl."""
+    tmp, config = tiny_data
+    gta = tmp / "gta5"
+    (gta / "images").mkdir(parents=True)
+    (gta / "labels").mkdir(parents=True)
+    pairs = sorted((tmp / "sim" / "images").rglob("*.png"))
+    for i, image in enumerate(pairs):
+        (gta / "images" / f"{i:05d}.png").write_bytes(image.read_bytes())
+        label = Image.open(tmp / "sim" / "labels" / image.relative_to(tmp / "sim" / "images"))
+        if i == 3:
+            label = label.resize((60, 30), Image.NEAREST)
+        label.save(gta / "labels" / f"{i:05d}.png")
+    config["data"]["source"] = {"kind": "gta5", "root": str(gta)}
+    config["solver"]["source"]["iters"] = 3  # 3 steps of 2 frames: one permutation of the 6 pairs
+    with pytest.warns(RuntimeWarning, match="00003.png is 60x30 but its image"):
+        run(config, stages=["source"])
+    records = [json.loads(line) for line in (tmp / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["mismatched_pairs"] for r in records if "mismatched_pairs" in r] == [["00003.png"]]
+    assert (tmp / "runs" / "tiny" / "source" / "final.pt").exists()
+
+
+def test_each_stage_draws_its_own_sample_order(tiny_data):
+    """Adaptation must not replay the warm-up's source sequence (both used to seed the stream identically)."""
+    from sdca.engine.builders import build_dataset
+
+    tmp, config = tiny_data
+    runner = Runner(load_config(None, [], **config), progress=False)
+    source = build_dataset(runner.cfg.data.source, 19)
+    orders = {}
+    for stage in ("source", "adapt", "self-train"):
+        stream = runner._streams(stage, {}, runner.cfg.solver.source, source=source)["source"]
+        orders[stage] = [name for _ in range(3) for name in next(stream)["name"]]
+    assert sorted(orders["source"]) == sorted(orders["adapt"])  # one permutation of the same 6 frames each
+    assert orders["source"] != orders["adapt"] and orders["adapt"] != orders["self-train"]
+
+
+def test_a_per_stage_recipe_runs_every_stage(tiny_data):
+    """The paper presets' machinery on tiny data: per-stage batches and augmentation, class-balanced source
+    sampling (its class table cached beside the labels), bicubic resizing, raw-scale self-training with trained
+    batch norm, and the public selection of the best val checkpoint between stages."""
+    tmp, config = tiny_data
+    config["model"]["bn"] = "frozen"
+    config["data"].update(resize="bicubic", stages={
+        "source": {"batch_size": 3, "jitter": False, "grayscale": 0.0, "blur": False, "sampling": "class_balanced"},
+        "adapt": {"batch_size": 1, "target_batch_size": 2, "sampling": "class_balanced"},
+        "self_train": {"batch_size": 2, "scale": [0.5, 1.5], "scale_base": "raw", "crop": [48, 24]}})
+    config["solver"]["select"] = "best"
+    config["method"]["self_train_bn"] = "train"
+    run(config)
+    folder = tmp / "runs" / "tiny"
+    assert (folder / "self-train" / "final.pt").exists()
+    assert len(list((tmp / "sim" / "labels").glob("class_sets-*.json"))) == 1
+    assert read_checkpoint(str(folder / "self-train" / "final.pt"))["model"]["info"]["bn"] == "train"

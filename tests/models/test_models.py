@@ -232,3 +232,44 @@ def test_build_model_bad_arguments():
         build_model("deeplabv2_small", 7)
     with pytest.raises(ValueError, match="class_names has 2 names"):
         build_model("deeplabv2_small", 3, class_names=["a", "b"])
+
+
+def test_caffe_vgg16_file_loads_with_its_own_input_convention(tmp_path):
+    """The Caffe-converted VGG-16 (vgg16-00b39a1b.pth: classifier Linears at 1/4/6) loads with zero unexpected
+    or missing keys (fc6/fc7 excepted, as in the public code) and reads BGR x 255 minus the Caffe mean: the
+    model on an RGB [0, 1] image equals the functional DeepLab-LargeFOV on the Caffe-normalised input."""
+    import torchvision
+
+    vgg = torchvision.models.vgg16(weights=None)
+    state = {k: v for k, v in vgg.state_dict().items() if k.startswith("features.")}
+    for i, (o, n) in zip((1, 4, 6), ((4096, 25088), (4096, 4096), (1000, 4096))):
+        state[f"classifier.{i}.weight"], state[f"classifier.{i}.bias"] = torch.randn(o, n) * 0.01, torch.zeros(o)
+    path = tmp_path / "vgg16-00b39a1b.pth"
+    torch.save(state, path)
+    model = build_model("deeplabv2_vgg16", 19)
+    report = load_torchvision_weights(model, str(path))
+    assert report.ok and not report.missing and not report.unexpected and not report.mismatched
+    assert sorted(report.ignored) == sorted(f"classifier.{i}.{p}" for i in (1, 4, 6) for p in ("weight", "bias"))
+    norm = model.info.normalization
+    assert (norm.channel_order, norm.scale, tuple(norm.mean)) == ("BGR", 255.0, (103.939, 116.779, 123.68))
+
+    model = model.double().eval()
+    sd = {k: v.double() for k, v in model.state_dict().items() if k.startswith("backbone.")}
+    for idx in (29, 31):  # fc6 / fc7 keep their random start: read them from the model, as the reference does
+        assert f"backbone.{idx}.weight" in sd
+    rgb = torch.rand(1, 3, 41, 57, dtype=torch.float64)
+    caffe = rgb.flip(1) * 255 - torch.tensor([103.939, 116.779, 123.68], dtype=torch.float64).view(1, 3, 1, 1)
+    with torch.no_grad():
+        out = model(norm(rgb))
+    feats = reference_vgg(caffe, sd)
+    torch.testing.assert_close(out.features, feats, rtol=1e-10, atol=1e-8)
+    cls = {k[len("classifier."):]: v.double() for k, v in model.state_dict().items() if k.startswith("classifier.")}
+    torch.testing.assert_close(out.logits, reference_aspp(feats, cls), rtol=1e-10, atol=1e-8)
+    # The conv weights are the file's, at the LargeFOV indices (pool4 and pool5 removed).
+    assert torch.equal(model.backbone[23].weight.float(), vgg.features[24].weight)
+
+    # An unknown classifier layout is reported key by key, never silently dropped.
+    state["classifier.2.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(ValueError, match="classifier.2.weight"):
+        load_torchvision_weights(build_model("deeplabv2_vgg16", 19), str(path))

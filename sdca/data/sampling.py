@@ -1,0 +1,108 @@
+"""Class-balanced source sampling, as the public code's source and adaptation stages do it (FADA's rule).
+
+Each label file's set of classes is read once (streamed, with a progress bar) and cached in a JSON file named by
+a fingerprint of the file list; the order of source images is then drawn so that rare classes come up far more
+often than under uniform sampling:
+
+- picks come in sub-epochs of 3,000; ``dist`` is the normalised count of classes over the files picked so far
+  in the sub-epoch (all zeros at its start);
+- a class c is drawn with probability proportional to 1 / log(1.01 + dist_c), among the classes some file
+  contains;
+- the next file of c's list is taken (lists start in file order and are reshuffled each time they wrap
+  around), and its classes are added to the counts.
+
+``iters // 3000 + 1`` sub-epochs are drawn; a stream repeats the order for as long as training runs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import List, Sequence, Set
+
+import numpy as np
+
+from .io import CorruptImageError
+
+SUB_EPOCH = 3000
+
+
+def _fingerprint(dataset, num_classes: int) -> str:
+    h = hashlib.sha1(f"{type(dataset).__name__}|{num_classes}|{dataset.image_root}".encode())
+    for name, label in dataset.items:
+        h.update(f"{name}|{label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _cache_file(dataset, num_classes: int, cache_dir: str) -> str:
+    return os.path.join(cache_dir, f"class_sets-{_fingerprint(dataset, num_classes)}.json")
+
+
+def class_sets(dataset, num_classes: int, *, cache_dir: str, progress: bool = False) -> List[Set[int]]:
+    """The classes each labelled item of ``dataset`` (a SegmentationDataset) contains, ignore excluded.
+
+    Cached as ``class_sets-<fingerprint>.json`` beside the data (the label folder) when that folder is writable,
+    else in ``cache_dir``; the fingerprint covers the data set kind, the class count and every (image, label)
+    path, so another file list never reuses a stale table. A label that cannot be read gives an empty set: that
+    item is never drawn.
+    """
+    from tqdm.auto import tqdm
+
+    from .._atomic import atomic_write_text
+
+    if not getattr(dataset, "items", None) or dataset.decode_label is None:
+        raise ValueError("class-balanced sampling needs a labelled data set")
+    label_dir = os.path.commonpath([os.path.dirname(label) for _, label in dataset.items])  # the label folder
+    candidates = [d for d in (label_dir, cache_dir) if d]
+    for folder in candidates:
+        path = _cache_file(dataset, num_classes, folder)
+        if os.path.isfile(path):
+            with open(path) as f:
+                return [set(s) for s in json.load(f)["classes"]]
+    sets = []
+    for _, label_path in tqdm(dataset.items, desc="class sets (once per file list)", disable=not progress,
+                              dynamic_ncols=True):
+        try:
+            label = dataset.decode_label(label_path)
+        except CorruptImageError:
+            sets.append(set())
+            continue
+        present = np.unique(label)
+        sets.append({int(c) for c in present if c < num_classes})
+    text = json.dumps({"num_classes": num_classes, "files": len(sets), "classes": [sorted(s) for s in sets]})
+    for folder in candidates:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_text(_cache_file(dataset, num_classes, folder), text)
+            break
+        except OSError:
+            continue  # a read-only data folder: the run folder holds the cache instead
+    return sets
+
+
+def class_balanced_order(sets: Sequence[Set[int]], num_classes: int, iters: int, seed: int) -> List[int]:
+    """Item indices in the order FADA's rule draws them (see the module docstring); ``iters`` sets the number of
+    sub-epochs (``iters // 3000 + 1``). Random draws come from ``numpy.random.default_rng(seed)``: per pick one
+    ``choice`` of the class, and one ``shuffle`` of a class's list each time it wraps around."""
+    files_of = [[i for i, s in enumerate(sets) if c in s] for c in range(num_classes)]
+    drawable = np.array([len(f) > 0 for f in files_of])
+    if not drawable.any():
+        raise ValueError("no label file contains any class: nothing to sample")
+    rng = np.random.default_rng(seed)
+    position = [0] * num_classes
+    order: List[int] = []
+    for _ in range(iters // SUB_EPOCH + 1):
+        counts = np.zeros(num_classes)
+        for _ in range(SUB_EPOCH):
+            dist = counts / counts.sum() if counts.sum() > 0 else counts
+            weight = np.where(drawable, 1.0 / np.log(1.01 + dist), 0.0)
+            c = int(rng.choice(num_classes, p=weight / weight.sum()))
+            if position[c] >= len(files_of[c]):
+                rng.shuffle(files_of[c])
+                position[c] = 0
+            item = files_of[c][position[c]]
+            position[c] += 1
+            order.append(item)
+            for k in sets[item]:
+                counts[k] += 1
+    return order
