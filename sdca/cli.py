@@ -124,6 +124,8 @@ def _dataset_options(f):
         click.option("--list-file", type=click.Path(exists=True, dir_okay=False), help="A split list file."),
         click.option("--size", nargs=2, type=int, metavar="W H",
                      help="Resize inputs to this size before the model (default: native size)."),
+        click.option("--resize", type=click.Choice(["bilinear", "bicubic"]), default="bilinear", show_default=True,
+                     help="Image resizing kernel for --size (the public test script resizes with PIL bicubic)."),
         click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N."),
         click.option("--workers", default=2, show_default=True, help="Data loading processes."),
     ]
@@ -166,8 +168,8 @@ def _load(checkpoint, device):
 @click.option("--save-predictions", type=click.Path(file_okay=False), help="Write each prediction as a PNG here.")
 @click.option("--labelid", is_flag=True, help="Write Cityscapes labelIds (for the official evaluation scripts).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
-def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, size, device, workers, flip, scales,
-             pdd, save_predictions, labelid, json_out):
+def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, size, resize, device, workers, flip,
+             scales, pdd, save_predictions, labelid, json_out):
     """Score CHECKPOINT on a labelled split: per-class IoU, mIoU (and the 13-class mIoU* for 16-class models,
     tail-class mIoU for 19-class ones). Predictions are resized to each label's resolution."""
     from ._atomic import atomic_write_text
@@ -189,8 +191,11 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
     subsets = standard_subsets(model.num_classes)
     summary = run_evaluate(model, dataset, device=dev, size=size, scales=scales or (1.0,), flip=flip,
                            save_dir=save_predictions, labelid_png=labelid, pdd_stats=stats, subsets=subsets,
-                           workers=workers)
+                           workers=workers, resize=resize)
     click.echo(format_table(summary))
+    if summary.get("unreadable"):
+        click.echo(f"sdca: {len(summary['unreadable'])} unreadable image(s) left out, e.g. {summary['unreadable'][0]}",
+                   err=True)
     if json_out:
         atomic_write_text(json_out, json.dumps(summary, indent=2))
 
@@ -200,7 +205,8 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
 @_dataset_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the label maps.")
 @click.option("--cap", default=0.9, show_default=True, help="Cap on the class thresholds (the public code's 0.9).")
-def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file, size, device, workers, out, cap):
+def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file, size, resize, device, workers, out,
+                 cap):
     """Write Eq. 19 pseudo-labels for every target image: per-class median confidence thresholds over the whole
     set (exact, streamed), label PNGs (255 below threshold) and thresholds.json with each class's share."""
     from .engine import generate_pseudo_labels
@@ -208,9 +214,13 @@ def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file
     model, dev = _load(checkpoint, device)
     dataset = _build(kind, root, split or "train", labels, mapping, city, list_file, model.num_classes,
                      labelled=False)
-    report = generate_pseudo_labels(model, dataset, out, device=dev, size=size, cap=cap, workers=workers)
+    report = generate_pseudo_labels(model, dataset, out, device=dev, size=size, cap=cap, workers=workers,
+                                    resize=resize)
     click.echo(f"sdca: {report['images']} label maps in {out}; {100 * report['ignored_share']:.1f}% of pixels "
                "left unlabelled; thresholds in thresholds.json")
+    if report["unreadable"]:
+        click.echo(f"sdca: {len(report['unreadable'])} unreadable frame(s) skipped, no label written, e.g. "
+                   f"{report['unreadable'][0]}", err=True)
 
 
 @main.command()
