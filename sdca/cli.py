@@ -23,7 +23,7 @@ def main():
     """
 
 
-@main.command()
+@main.command(short_help="Versions, torch device, kernel backends and ONNX Runtime providers.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def doctor(as_json: bool):
     """Report versions, the torch device, which SDCA kernel backends are built, and ONNX Runtime providers."""
@@ -42,7 +42,7 @@ def _config(config, overrides, **direct):
         raise click.BadParameter(str(exc), param_hint="--set / CONFIG") from None
 
 
-@main.command()
+@main.command(short_help="Train: source, init-stats, adapt, pseudo-label, self-train.")
 @click.argument("config", required=False)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set solver.adapt.iters=1000 (repeatable).")
@@ -87,7 +87,7 @@ def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretr
         direct["model"] = {"no_pretrained": True}
     if stages:
         direct["stages"] = list(stages)
-    cfg = _config(config, overrides, **direct)
+    cfg = _config(config or "default", overrides, **direct)
     if print_recipe:
         from .engine import ConfigError
         from .engine.recipe import format_recipe
@@ -99,6 +99,7 @@ def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretr
         except ConfigError as exc:
             raise click.BadParameter(str(exc), param_hint="--set / CONFIG") from None
         return
+    _check_data(cfg, config or "default")
     try:
         runner = Runner(cfg, progress=not quiet, init_checkpoint=init_checkpoint)
         result = runner.train()
@@ -110,6 +111,35 @@ def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretr
     if runner.dist.is_main:
         click.echo(f"sdca: run {cfg.name} finished stages {', '.join(result['stages'])} in {result['seconds']} s; "
                    f"outputs in {result['run_dir']}")
+
+
+def _check_data(cfg, config_name: str) -> None:
+    """Before any model is built: the configured data folders exist, or one message that says what to do."""
+    from .engine.config import presets
+
+    needs = {"source": ("source", "init-stats", "adapt"), "target": ("adapt", "pseudo-label", "self-train"),
+             "val": tuple(cfg.stages)}
+    missing = []
+    for which in ("source", "target", "val"):
+        ds = getattr(cfg.data, which)
+        if not set(needs[which]) & set(cfg.stages):
+            continue
+        if ds is None or ds.kind == "synthdrive":
+            continue
+        for key in ("root", "labels", "mapping"):
+            path = getattr(ds, key, None)
+            if key == "root" or path:
+                if not path or not os.path.exists(path):
+                    missing.append(f"data.{which}.{key} = {path or '(empty)'}")
+    if not missing:
+        return
+    raise click.ClickException(
+        f"{config_name}: no data where the config points:\n  " + "\n  ".join(missing) + "\n"
+        "Point it at your data, e.g.\n"
+        f"  sdca train {config_name} --set data.source.root=SIM/images --set data.source.labels=SIM/labels \\\n"
+        "      --set data.source.mapping=SIM/mapping.yaml --set data.target.root=REAL/frames\n"
+        "or write a YAML file of your own (README, 'Training' and 'Data'). Presets: " + ", ".join(presets()) + ".\n"
+        "To see the whole pipeline run first, on data it generates itself: sdca demo")
 
 
 def _dataset_options(f):
@@ -159,7 +189,7 @@ def _load(checkpoint, device):
         raise click.ClickException(str(exc)) from None
 
 
-@main.command()
+@main.command(short_help="Score a checkpoint on a labelled split (per-class IoU, mIoU).")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @_dataset_options
 @click.option("--flip", is_flag=True, help="Average with the horizontally flipped prediction.")
@@ -200,7 +230,7 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
         atomic_write_text(json_out, json.dumps(summary, indent=2))
 
 
-@main.command("pseudo-label")
+@main.command("pseudo-label", short_help="Write Eq. 19 pseudo-labels for a folder or data set of target frames.")
 @click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
 @_dataset_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the label maps.")
@@ -223,7 +253,7 @@ def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file
                    f"{report['unreadable'][0]}", err=True)
 
 
-@main.command()
+@main.command(short_help="The whole pipeline on the embedded SynthDrive data, with a report.")
 @click.option("--quick", is_flag=True, help="A small, fast run (about 2 minutes on 2 cores) that still runs every stage.")
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
               help="Run folder; the SynthDrive frames are cached beside it.")
@@ -241,7 +271,7 @@ def demo(quick, out, seed, quiet):
     click.echo(f"sdca: demo finished; report: {path}")
 
 
-@main.command()
+@main.command(short_help="The controlled SynthDrive experiment (seeds, controls, validation sweep).")
 @click.option("--out", default="runs/experiment", show_default=True, type=click.Path(file_okay=False),
               help="Experiment folder (one sub-folder per run, results/, report.md); SynthDrive is cached beside it.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
@@ -265,7 +295,8 @@ def experiment(out, seeds, jobs, quick):
     click.echo(f"sdca: experiment report: {path}")
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@main.command(short_help="Serve an exported .onnx model over HTTP (sdca serve MODEL --help).",
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
 @click.pass_context
 def serve(ctx):
     """Serve an exported .onnx model over HTTP (ONNX Runtime; `sdca serve MODEL.onnx --help` for options).
@@ -288,10 +319,36 @@ def _parse_size(ctx, param, value):
         raise click.BadParameter(str(exc)) from None
 
 
-@main.command()
-@click.option("--onnx", "checkpoint", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="Checkpoint to export (ours or a public SDCA release file).")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), help="The .onnx file to write (optional with --triton).")
+def _run_name(inputs) -> str:
+    """A folder name for an inference run: the first input's base name (a folder's, a file's stem)."""
+    first = inputs[0].rstrip("/\\") if inputs else "infer"
+    name = os.path.splitext(os.path.basename(first))[0] if os.path.isfile(first) else os.path.basename(first)
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in name).strip("._")
+    return name or "infer"
+
+
+def _new_folder(parent: str, name: str) -> str:
+    """parent/name, or parent/name2, name3, ... : the first that does not exist yet (never an earlier run's)."""
+    path, n = os.path.join(parent, name), 2
+    while os.path.exists(path):
+        path, n = os.path.join(parent, f"{name}{n}"), n + 1
+    return path
+
+
+def _newest(pattern: str, root: str = "runs"):
+    """The most recently written file matching ``pattern`` below ``root`` (None when there is none)."""
+    import glob
+
+    found = [p for p in glob.glob(os.path.join(root, "**", pattern), recursive=True) if os.path.isfile(p)]
+    return max(found, key=os.path.getmtime) if found else None
+
+
+@main.command(short_help="Export a checkpoint to ONNX (and side files, a Triton repository).")
+@click.argument("checkpoint_arg", metavar="[CHECKPOINT]", required=False, type=click.Path(dir_okay=False))
+@click.option("--onnx", "onnx_checkpoint", is_flag=False, flag_value="", default=None, metavar="[CHECKPOINT]",
+              help="Export to ONNX (the only format; kept so that `sdca export --onnx CKPT -o M` reads as before).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False),
+              help="The .onnx file to write (default: model.onnx beside the checkpoint).")
 @click.option("--output", type=click.Choice(["logits", "probs", "labels"]), default="logits", show_default=True,
               help="Graph output: logits, softmax probabilities, or an in-graph argmax as uint8 labels.")
 @click.option("--fp16", is_flag=True, help="Store weights in float16 (inputs and outputs stay float32).")
@@ -305,18 +362,46 @@ def _parse_size(ctx, param, value):
 @click.option("--triton-name", default="sdca", show_default=True, help="The model's name in the Triton repository.")
 @click.option("--max-batch", default=8, show_default=True, help="Triton max_batch_size.")
 @click.option("--no-check", is_flag=True, help="Skip onnx.checker and the onnxruntime-vs-PyTorch parity run.")
-def export(checkpoint, out, output, fp16, opset, static_size, triton_repo, triton_name, max_batch, no_check):
+@click.option("--no-sidecar", is_flag=True,
+              help="Do not write NAME.labels.txt, NAME.palette.csv and NAME.yaml beside the model.")
+@click.option("--describe", "describe_model", type=click.Path(exists=True, dir_okay=False), metavar="MODEL.onnx",
+              help="Print the conventions of an exported model (what NAME.yaml holds) and exit.")
+def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_size, triton_repo, triton_name,
+           max_batch, no_check, no_sidecar, describe_model):
     """Export a checkpoint to ONNX: dynamic batch, height and width (or one fixed size with --static-size),
     upsampling to the input size in the graph, class names, palette and input normalisation in the metadata;
-    then a parity check against PyTorch. With --triton, also a Triton model repository."""
+    then a parity check against PyTorch. With --triton, also a Triton model repository.
+
+    Without CHECKPOINT, the newest final checkpoint under runs/. Beside the model go the side files robotics
+    stacks read (NAME.labels.txt, NAME.palette.csv, NAME.yaml; --no-sidecar to skip).
+    """
     import tempfile
 
+    if describe_model:
+        from .deploy.sidecar import describe_text
+
+        try:
+            click.echo(describe_text(describe_model), nl=False)
+        except (ValueError, OSError) as exc:
+            raise click.ClickException(str(exc)) from None
+        return
     from .deploy.onnx_export import export_onnx
 
-    if out is None and triton_repo is None:
-        raise click.UsageError("give -o/--out FILE.onnx, --triton REPO, or both")
+    checkpoint = onnx_checkpoint or checkpoint_arg
+    if onnx_checkpoint and checkpoint_arg:
+        raise click.UsageError("give the checkpoint once: `sdca export --onnx CKPT` or `sdca export CKPT`")
+    if not checkpoint:
+        checkpoint = _newest("final.pt")
+        if checkpoint is None:
+            raise click.ClickException("no checkpoint given and no final checkpoint under runs/: pass one, or make "
+                                       "one with `sdca demo` or `sdca train`")
+        click.echo(f"sdca: exporting the newest final checkpoint, {checkpoint}", err=True)
+    if not os.path.isfile(checkpoint):
+        raise click.BadParameter(f"{checkpoint} does not exist", param_hint="CHECKPOINT")
     if static_size is not None and triton_repo is not None:
         raise click.UsageError("--triton needs the dynamic-batch export: drop --static-size")
+    if out is None and triton_repo is None:
+        out = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.onnx")
     target = out or os.path.join(tempfile.mkdtemp(prefix="sdca-export-"), "model.onnx")
     try:
         report = export_onnx(checkpoint, target, output=output, fp16=fp16, opset=opset, check=not no_check,
@@ -325,12 +410,19 @@ def export(checkpoint, out, output, fp16, opset, static_size, triton_repo, trito
             from .deploy.triton import write_triton_repository
 
             folder = write_triton_repository(target, triton_repo, triton_name, max_batch_size=max_batch)
+        sidecars = None
+        if out and not no_sidecar:
+            from .deploy.sidecar import write_sidecars
+
+            sidecars = write_sidecars(out)
     except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
     if out:
         shape = f", fixed input {static_size[0]}x{static_size[1]}" if static_size else ""
         click.echo(f"sdca: wrote {out} ({report['bytes'] / 2**20:.1f} MiB, output {output}, opset {opset}"
                    f"{', fp16 weights' if fp16 else ''}{shape})")
+    if sidecars:
+        click.echo(f"sdca: side files {', '.join(os.path.basename(p) for p in sidecars.values())}")
     for p in report.get("parity", []):
         diff = "n/a" if p["max_abs_diff"] is None else f"{p['max_abs_diff']:.3g}"
         click.echo(f"  parity {'x'.join(map(str, p['shape']))}: max |diff| {diff}, "
@@ -339,11 +431,13 @@ def export(checkpoint, out, output, fp16, opset, static_size, triton_repo, trito
         click.echo(f"sdca: wrote Triton model {folder} (config.pbtxt, 1/model.onnx; max_batch_size {max_batch})")
 
 
-@main.command()
+@main.command(short_help="Segment files, folders, globs or videos with an exported model or a checkpoint.")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="An exported .onnx file (ONNX Runtime) or a checkpoint (PyTorch).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (mirrors the inputs).")
+@click.option("--model", type=click.Path(exists=True, dir_okay=False),
+              help="An exported .onnx file (ONNX Runtime) or a checkpoint (PyTorch). Default: $SDCA_MODEL, else "
+                   "the newest .onnx under runs/.")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Output folder (mirrors the inputs). Default: a new runs/infer/NAME folder.")
 @click.option("--backend", type=click.Choice(["onnxruntime", "pytorch"]), help="Override the backend the file implies.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--providers", help="ONNX Runtime providers in priority order, e.g. tensorrt,cuda,cpu.")
@@ -369,6 +463,16 @@ def infer(inputs, model, out, backend, device, providers, batch, size, workers, 
     from .deploy.infer import run_inference
     from .deploy.runtime import open_segmenter
 
+    if model is None:
+        model = os.environ.get("SDCA_MODEL") or _newest("*.onnx")
+        if model is None:
+            raise click.ClickException("no model: pass --model MODEL.onnx (or a checkpoint), set SDCA_MODEL, or make "
+                                       "one with `sdca demo` (it exports runs/demo/model.onnx) or `sdca export`")
+        if not os.path.isfile(model):
+            raise click.BadParameter(f"{model} does not exist", param_hint="SDCA_MODEL")
+    if out is None:
+        out = _new_folder(os.path.join("runs", "infer"), _run_name(inputs))
+    click.echo(f"sdca: model {model}; outputs in {out}", err=True)
     kinds = [k for k, on in (("color", color), ("overlay", overlay), ("trainid", trainid), ("labelid", labelid),
                              ("confidence", confidence)) if on] or ["color"]
     try:

@@ -1,0 +1,85 @@
+"""Side files for robotics stacks, beside an exported model: what ROS 2 / Autoware / Isaac ROS nodes read from
+files or parameters instead of ONNX metadata.
+
+For ``NAME.onnx``: ``NAME.labels.txt`` (one class name per line, in id order), ``NAME.palette.csv``
+(``id,name,r,g,b``) and ``NAME.yaml`` (input size and conventions, output kind, ignore id, precision: the values
+a node's parameters need). :func:`describe` gives the same YAML for any exported model.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+from typing import Dict
+
+import yaml
+
+from .metadata import DeployInfo, read_onnx_metadata
+
+
+def sidecar_paths(model_path: str) -> Dict[str, str]:
+    stem = os.path.splitext(model_path)[0]
+    return {"labels": stem + ".labels.txt", "palette": stem + ".palette.csv", "yaml": stem + ".yaml"}
+
+
+def model_precision(model_path: str) -> str:
+    """int8 (QuantizeLinear/DequantizeLinear in the graph), fp16 (float16 weights) or fp32, read off the graph."""
+    import onnx
+
+    graph = onnx.load(model_path, load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
+    if {"QuantizeLinear", "DequantizeLinear"} & ops or any(op.startswith("QLinear") for op in ops):
+        return "int8"
+    if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
+        return "fp16"
+    return "fp32"
+
+
+def describe(model_path: str, info: DeployInfo = None) -> dict:
+    """The conventions of an exported model, as plain data (what ``NAME.yaml`` holds)."""
+    info = info or read_onnx_metadata(model_path)
+    fixed = list(info.input_size) if info.input_size else None
+    out_shape = ["N", "H", "W"] if info.output == "labels" else ["N", info.num_classes, "H", "W"]
+    paths = sidecar_paths(model_path)
+    return {
+        "model": os.path.basename(model_path),
+        "precision": model_precision(model_path),
+        "input": {
+            "name": "image", "layout": "NCHW", "dtype": "float32",
+            "size": fixed,  # [width, height] of a fixed-shape export; null: any size
+            "train_size": list(info.train_size) if info.train_size else None,
+            "color_order": info.channel_order,
+            "scale": info.scale, "mean": list(info.mean), "std": list(info.std),
+            "formula": f"x = (pixel / 255 * {info.scale:g} - mean) / std, channels in {info.channel_order} order",
+        },
+        "output": {"kind": info.output, "dtype": "uint8" if info.output == "labels" else "float32",
+                   "shape": out_shape, "resolution": "the input's (upsampled in the graph)"},
+        "num_classes": info.num_classes,
+        "ignore_id": info.ignore_index,  # vision_msgs/LabelInfo's 'unlabelled' convention is 255 too
+        "class_names": list(info.class_names),
+        "labels_file": os.path.basename(paths["labels"]),
+        "palette_file": os.path.basename(paths["palette"]),
+        "arch": info.arch, "sdca_version": info.sdca_version,
+        "source_checkpoint_sha256": info.source_checkpoint_sha256,
+    }
+
+
+def describe_text(model_path: str) -> str:
+    return yaml.safe_dump(describe(model_path), sort_keys=False)
+
+
+def write_sidecars(model_path: str) -> Dict[str, str]:
+    """Write the three side files beside ``model_path`` (atomically); returns their paths."""
+    from .._atomic import atomic_write_text
+
+    info = read_onnx_metadata(model_path)
+    paths = sidecar_paths(model_path)
+    atomic_write_text(paths["labels"], "".join(f"{name}\n" for name in info.class_names))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["id", "name", "r", "g", "b"])
+    for i, (name, colour) in enumerate(zip(info.class_names, info.palette)):
+        writer.writerow([i, name, *colour])
+    atomic_write_text(paths["palette"], buf.getvalue())
+    atomic_write_text(paths["yaml"], yaml.safe_dump(describe(model_path, info), sort_keys=False))
+    return paths
