@@ -58,6 +58,8 @@ bench: setup
 	$(BIN)/python bench/bench_infer.py
 	$(BIN)/python bench/bench_synthdrive.py
 	$(BIN)/python bench/bench_serve.py
+	@if [ -f runs/demo/model.onnx ]; then $(BIN)/python bench/bench_quant.py --run runs/demo; \
+	  else echo "bench_quant.py needs the demo's model: run make demo first"; fi
 
 clean:
 	rm -rf build *.egg-info sdca/_C*.so

@@ -335,6 +335,29 @@ def _new_folder(parent: str, name: str) -> str:
     return path
 
 
+def _frames_of(source: str):
+    """A folder or glob as given; CONFIG:ENTRY (a preset or YAML file, and source | target | val) as the image
+    paths of that data set."""
+    import glob as globbing
+
+    config, sep, entry = source.rpartition(":")
+    if not sep or entry not in ("source", "target", "val") or os.path.exists(source) or globbing.glob(source):
+        return source
+    from .engine import ConfigError, load_config
+    from .engine.builders import build_dataset
+
+    try:
+        cfg = load_config(config)
+        ds_cfg = getattr(cfg.data, entry)
+        if ds_cfg is None:
+            raise click.BadParameter(f"{config} has no data.{entry}", param_hint="--calibrate")
+        dataset = build_dataset(ds_cfg, cfg.model.num_classes)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--calibrate") from None
+    root = getattr(dataset, "root", None) or dataset.image_root
+    return [os.path.join(root, name) for name in dataset.names]
+
+
 def _newest(pattern: str, root: str = "runs"):
     """The most recently written file matching ``pattern`` below ``root`` (None when there is none)."""
     import glob
@@ -366,8 +389,26 @@ def _newest(pattern: str, root: str = "runs"):
               help="Do not write NAME.labels.txt, NAME.palette.csv and NAME.yaml beside the model.")
 @click.option("--describe", "describe_model", type=click.Path(exists=True, dir_okay=False), metavar="MODEL.onnx",
               help="Print the conventions of an exported model (what NAME.yaml holds) and exit.")
+@click.option("--int8", is_flag=True, help="Quantize to INT8 (ONNX Runtime static quantization, QDQ, per-channel "
+                                           "weights) with an accuracy gate against the float model.")
+@click.option("--calibrate", metavar="DIR|GLOB|CONFIG:ENTRY",
+              help="--int8: calibration frames: a folder, a glob pattern, or a config's data set entry such as "
+                   "gta5_cityscapes_r101:target or my.yaml:val (its images).")
+@click.option("--calib-frames", default=200, show_default=True, help="--int8: frames used for calibration.")
+@click.option("--calib-method", type=click.Choice(["entropy", "minmax", "percentile"]), default="entropy",
+              show_default=True, help="--int8: how activation ranges are chosen from the calibration frames.")
+@click.option("--holdout-frames", default=20, show_default=True,
+              help="--int8: further frames (never calibration ones) on which INT8 is compared with float.")
+@click.option("--holdout", metavar="DIR|GLOB",
+              help="--int8: take the held-out frames from here instead of from --calibrate.")
+@click.option("--calib-size", callback=_parse_size, metavar="WxH",
+              help="--int8: the size frames are brought to (default: the model's fixed or training size).")
+@click.option("--min-agreement", default=0.98, show_default=True,
+              help="--int8: the least share of held-out pixels whose label INT8 and float agree on.")
+@click.option("--force", is_flag=True, help="--int8: write the model even below --min-agreement.")
 def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_size, triton_repo, triton_name,
-           max_batch, no_check, no_sidecar, describe_model):
+           max_batch, no_check, no_sidecar, describe_model, int8, calibrate, calib_frames, calib_method,
+           holdout_frames, holdout, calib_size, min_agreement, force):
     """Export a checkpoint to ONNX: dynamic batch, height and width (or one fixed size with --static-size),
     upsampling to the input size in the graph, class names, palette and input normalisation in the metadata;
     then a parity check against PyTorch. With --triton, also a Triton model repository.
@@ -400,12 +441,28 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="CHECKPOINT")
     if static_size is not None and triton_repo is not None:
         raise click.UsageError("--triton needs the dynamic-batch export: drop --static-size")
+    if int8 and fp16:
+        raise click.UsageError("--int8 and --fp16 exclude each other: INT8 quantizes the float32 export")
+    if int8 and not calibrate:
+        raise click.UsageError("--int8 needs --calibrate DIR|GLOB: frames like those the model will see")
     if out is None and triton_repo is None:
         out = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "model.onnx")
     target = out or os.path.join(tempfile.mkdtemp(prefix="sdca-export-"), "model.onnx")
+    quant = None
     try:
-        report = export_onnx(checkpoint, target, output=output, fp16=fp16, opset=opset, check=not no_check,
-                             static_size=static_size)
+        if int8:
+            from .deploy.quantize import quantize_int8
+
+            float_path = os.path.join(tempfile.mkdtemp(prefix="sdca-export-"), "float.onnx")
+            report = export_onnx(checkpoint, float_path, output=output, opset=opset, check=not no_check,
+                                 static_size=static_size)
+            quant = quantize_int8(float_path, target, _frames_of(calibrate), calib_frames=calib_frames,
+                                  held_out_frames=holdout_frames, method=calib_method, size=calib_size,
+                                  min_agreement=min_agreement, force=force, held_out=holdout)
+            report["bytes"] = os.path.getsize(target)
+        else:
+            report = export_onnx(checkpoint, target, output=output, fp16=fp16, opset=opset, check=not no_check,
+                                 static_size=static_size)
         if triton_repo is not None:
             from .deploy.triton import write_triton_repository
 
@@ -420,7 +477,12 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
     if out:
         shape = f", fixed input {static_size[0]}x{static_size[1]}" if static_size else ""
         click.echo(f"sdca: wrote {out} ({report['bytes'] / 2**20:.1f} MiB, output {output}, opset {opset}"
-                   f"{', fp16 weights' if fp16 else ''}{shape})")
+                   f"{', fp16 weights' if fp16 else ''}{', int8' if int8 else ''}{shape})")
+    if quant:
+        click.echo(f"  int8 vs float on {quant['held_out_frames']} held-out frames: label agreement "
+                   f"{100 * quant['label_agreement']:.2f}%, mIoU {100 * quant['miou_vs_float']:.1f} "
+                   f"({quant['calibration_frames']} calibration frames, {quant['method']})"
+                   + (" -- below --min-agreement, written because of --force" if quant["forced"] else ""))
     if sidecars:
         click.echo(f"sdca: side files {', '.join(os.path.basename(p) for p in sidecars.values())}")
     for p in report.get("parity", []):

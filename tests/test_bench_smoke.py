@@ -29,3 +29,35 @@ def test_benchmark_quick_run(tmp_path):
         assert r["baseline_result"]["time_s"] > 0 and r["ours_result"]["time_s"] > 0
         assert r["speedup"] == pytest.approx(r["baseline_result"]["time_s"] / r["ours_result"]["time_s"])
     assert "stats_full" in run.stdout and "target" in run.stdout
+
+
+def test_quantization_benchmark_runs_on_a_demo_shaped_folder(tmp_path):
+    """bench_quant.py end to end on a tiny stand-in for a demo run (a model.onnx and the SynthDrive cache layout)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from sdca.data.synthdrive import GENERATOR_VERSION, generate_frame
+    from sdca.deploy.onnx_export import export_onnx
+    from sdca.models import build_model, save_checkpoint
+
+    run_dir = tmp_path / "runs" / "demo"
+    run_dir.mkdir(parents=True)
+    torch.manual_seed(0)
+    save_checkpoint(str(tmp_path / "m.pt"), build_model("deeplabv2_small", 19, width=8, train_size=(64, 32)).eval())
+    export_onnx(str(tmp_path / "m.pt"), str(run_dir / "model.onnx"))
+    for split, n in (("train", 90), ("test", 4)):
+        folder = tmp_path / "runs" / "synthdrive-cache" / GENERATOR_VERSION / "real_64x32" / split
+        for sub in ("images", "labels"):
+            (folder / sub).mkdir(parents=True)
+        for i in range(n):
+            image, label = generate_frame("real", split, i, 32, 64)
+            Image.fromarray(image).save(folder / "images" / f"{i:04d}.png")
+            Image.fromarray(label.astype(np.uint8)).save(folder / "labels" / f"{i:04d}.png")
+    out = tmp_path / "q.json"
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_quant.py"), "--run", str(run_dir),
+                          "--repeat", "2", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert set(result["demo"]["rows"]) == {"float32", "int8", "int8+Resize"}
+    assert "target >= 1.5x" in run.stdout and "QDQ debugging" in run.stdout

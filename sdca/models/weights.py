@@ -186,7 +186,9 @@ def import_public_checkpoint(source, num_classes: Optional[int] = None, class_na
     k = int(cls["conv2d_list.0.weight"].shape[0])
     if num_classes is not None and k != num_classes:
         raise ValueError(f"{name}: the checkpoint predicts {k} classes, expected {num_classes}")
-    model = build_model(arch, k, bn=bn, class_names=class_names,
+    # Every public release was evaluated on 1024x512 inputs (Cityscapes and Cross-City frames resized, as its
+    # test script does): recorded, so that an export of it carries a serving size like our own checkpoints.
+    model = build_model(arch, k, bn=bn, class_names=class_names, train_size=(1024, 512),
                         normalization=CAFFE_BGR if arch == "deeplabv2_vgg16" else IMAGENET)
     incoming = {**fe, **{f"classifier.{key}": v for key, v in cls.items()}}
     report = LoadReport(source=name)

@@ -12,7 +12,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from .batcher import DynamicBatcher, Overloaded
-from .codec import OUTPUTS, Limits, RequestError, check_content_type, decode_image, encode, resize_labels, resize_rgb
+from .codec import (IMAGE_TYPES, OUTPUTS, Limits, RequestError, check_content_type, decode_image, encode,
+                    resize_labels, resize_rgb)
 
 
 @dataclass
@@ -28,14 +29,39 @@ class ServeSettings:
     threads: int = 0
 
 
-def serving_size(settings: ServeSettings, info) -> Tuple[int, int]:
+def serving_size(settings: ServeSettings, info) -> Optional[Tuple[int, int]]:
+    """The size frames are resized to: --size, else the model's fixed or training size; None when none is known
+    (each frame then runs at its own size, and only frames of one size share a batch)."""
     size = settings.size or info.input_size or info.train_size
     if size is None:
-        raise ValueError(f"{settings.model} records no input or training size: pass --size WIDTHxHEIGHT")
+        return None
     if info.input_size and tuple(size) != tuple(info.input_size):
         raise ValueError(f"{settings.model} was exported for {info.input_size[0]}x{info.input_size[1]} inputs only; "
                          f"--size {size[0]}x{size[1]} cannot be served")
     return int(size[0]), int(size[1])
+
+
+_ERROR_SCHEMA = {"type": "object", "required": ["error", "status"],
+                 "properties": {"error": {"type": "string"}, "status": {"type": "integer"}}}
+_ERROR = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+# The body is the encoded image itself (not a form): declared here, since the handler reads the raw request,
+# so that the OpenAPI document tells generated clients and fuzzers what to send.
+SEGMENT_OPENAPI = {"requestBody": {
+    "required": True, "description": "The encoded image (PNG, JPEG, BMP, WebP, TIFF or PPM) as the raw body.",
+    "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES}}}
+SEGMENT_RESPONSES = {
+    200: {"description": "labels: a PNG of class indices (one byte per pixel, 255 none); color: a PNG in the class "
+                         "palette; json: class shares",
+          "content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                      "application/json": {"schema": {
+                          "type": "object", "required": ["width", "height", "shares"],
+                          "properties": {"width": {"type": "integer"}, "height": {"type": "integer"},
+                                         "shares": {"type": "object", "additionalProperties": {"type": "number"}}}}}}},
+    413: {"description": "the body is over the size limit", **_ERROR},
+    415: {"description": "the content type is not an image", **_ERROR},
+    422: {"description": "the body is not a decodable image, or too small or large, or a bad query", **_ERROR},
+    503: {"description": "the queue is full: retry after the Retry-After header's seconds", **_ERROR},
+}
 
 
 def create_app(settings: ServeSettings, segmenter=None):
@@ -94,7 +120,9 @@ def create_app(settings: ServeSettings, segmenter=None):
     async def metadata():
         return {"model": settings.model, "sdca_serve_version": __version__, "sdca_version": info.sdca_version,
                 "arch": info.arch, "classes": list(info.class_names), "palette": [list(c) for c in info.palette],
-                "input": {"size": list(size), "resize": "bilinear to size; labels back to the input size (nearest)",
+                "input": {"size": list(size) if size else None,
+                          "resize": ("bilinear to size; labels back to the input size (nearest)" if size else
+                                     "none: each frame runs at its own size"),
                           "channel_order": info.channel_order, "mean": list(info.mean), "std": list(info.std),
                           "scale": info.scale, "formats": ["png", "jpeg", "bmp", "webp", "tiff", "ppm"]},
                 "output": {"kinds": list(OUTPUTS), "model_output": info.output},
@@ -103,7 +131,8 @@ def create_app(settings: ServeSettings, segmenter=None):
                              "queue_size": settings.queue_size},
                 "limits": asdict(settings.limits)}
 
-    @app.post("/segment")
+    @app.post("/segment", summary="Segment one encoded image", openapi_extra=SEGMENT_OPENAPI,
+              responses=SEGMENT_RESPONSES)
     async def segment(request: Request, output: str = Query("labels", description="labels | color | json")):
         if output not in OUTPUTS:
             raise RequestError(422, f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
@@ -111,7 +140,7 @@ def create_app(settings: ServeSettings, segmenter=None):
         body = await _read_body(request, settings.limits.max_bytes)
         frame = await run_in_threadpool(decode_image, body, settings.limits)
         height, width = frame.shape[:2]
-        resized = await run_in_threadpool(resize_rgb, frame, size)
+        resized = frame if size is None else await run_in_threadpool(resize_rgb, frame, size)
         try:
             labels = await batcher.submit(resized)
         except Overloaded as exc:

@@ -59,7 +59,7 @@ class DynamicBatcher:
                 future.set_exception(Overloaded("the service is shutting down"))
 
     async def submit(self, frame: np.ndarray) -> np.ndarray:
-        """The model's output for one frame [H, W, 3] (every frame must have the serving size)."""
+        """The model's output for one frame [H, W, 3]; frames of one size share a model call."""
         if self._queue is None:
             raise RuntimeError("the batcher is not started")
         future = asyncio.get_running_loop().create_future()
@@ -96,18 +96,25 @@ class DynamicBatcher:
             live = [(f, fut) for f, fut in batch if not fut.done()]  # a client that went away needs no answer
             if not live:
                 continue
-            start = time.perf_counter()
-            try:
-                out = await loop.run_in_executor(self._executor, self.run_batch, np.stack([f for f, _ in live]))
-            except Exception as exc:  # the model failed on this batch: every request in it gets the error
-                self.stats["failed_batches"] += 1
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            self.stats["model_seconds"] += time.perf_counter() - start
-            self.stats["batches"] += 1
-            self.stats["frames"] += len(live)
-            for (_, fut), result in zip(live, out):
+            groups: Dict[tuple, list] = {}  # one model call per frame size (a service without a fixed size)
+            for item in live:
+                groups.setdefault(item[0].shape, []).append(item)
+            for group in groups.values():
+                await self._run(loop, group)
+
+    async def _run(self, loop, live) -> None:
+        start = time.perf_counter()
+        try:
+            out = await loop.run_in_executor(self._executor, self.run_batch, np.stack([f for f, _ in live]))
+        except Exception as exc:  # the model failed on this batch: every request in it gets the error
+            self.stats["failed_batches"] += 1
+            for _, fut in live:
                 if not fut.done():
-                    fut.set_result(result)
+                    fut.set_exception(exc)
+            return
+        self.stats["model_seconds"] += time.perf_counter() - start
+        self.stats["batches"] += 1
+        self.stats["frames"] += len(live)
+        for (_, fut), result in zip(live, out):
+            if not fut.done():
+                fut.set_result(result)

@@ -105,3 +105,21 @@ def test_consumer_errors_name_the_problem(consumer, models, tmp_path):
     junk = subprocess.run([consumer, str(tmp_path / "junk.onnx"), str(frame), str(tmp_path / "o.png")],
                           capture_output=True, text=True)
     assert junk.returncode == 1 and "junk.onnx" in junk.stderr
+
+
+def test_consumer_names_what_to_use_for_an_int8_model(consumer, models, tmp_path):
+    """OpenCV's DNN module cannot import ONNX Runtime's QDQ models: the consumer says so and what runs them."""
+    from sdca.deploy.quantize import quantize_int8
+
+    static, _ = models
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(12):
+        image, _ = generate_frame("real", "test", i, HEIGHT, WIDTH)
+        Image.fromarray(image).save(frames / f"{i:02d}.png")
+    int8 = tmp_path / "static.int8.onnx"
+    quantize_int8(static, str(int8), str(frames), calib_frames=8, held_out_frames=4, min_agreement=0.0,
+                  progress=False)
+    run = subprocess.run([consumer, str(int8), str(frames / "00.png"), str(tmp_path / "l.png")], capture_output=True,
+                         text=True)
+    assert run.returncode != 0 and "INT8 (QDQ)" in run.stderr and "ONNX Runtime" in run.stderr

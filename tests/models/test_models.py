@@ -89,7 +89,7 @@ def test_public_checkpoint_imports_exactly(section, prefix, num_classes):
     ckpt = public_state(section, num_classes, prefix)
     model, report = import_public_checkpoint(ckpt)
     assert report.ok and not report.missing and not report.unexpected and not report.mismatched
-    assert model.num_classes == num_classes
+    assert model.num_classes == num_classes and model.info.train_size == (1024, 512)
     expected_bn = {"resnet101_freeze_bn_True": "frozen", "resnet101_freeze_bn_False": "train", "vgg16": "frozen"}
     assert model.info.bn == expected_bn[section]
     model = model.double().eval()

@@ -2,17 +2,24 @@
 and the process survives; a bounded load run with zero errors."""
 import io
 import json
+import os
 import struct
 import zlib
 
 import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
 from PIL import Image
 
 from sdca.data.synthdrive import generate_frame
 from sdca_serve.loadtest import load
 from sdca_serve.runtime import OnnxSegmenter
 
-from .conftest import SIZE, png
+from sdca.deploy.onnx_export import export_onnx
+from sdca.models import build_model, save_checkpoint
+
+from .conftest import SIZE, Service, png
 
 
 def frame(i=0, size=SIZE):
@@ -178,3 +185,91 @@ def test_startup_errors_name_the_file(tmp_path):
     junk = subprocess.run([sys.executable, "-m", "sdca_serve", str(tmp_path / "junk.onnx")], capture_output=True,
                           text=True, timeout=60)
     assert junk.returncode == 2 and "junk.onnx" in junk.stderr
+
+
+def test_openapi_declares_the_segment_body_and_its_responses(service):
+    import json
+
+    status, _, body = service.request("GET", "/openapi.json")
+    assert status == 200
+    op = json.loads(body)["paths"]["/segment"]["post"]
+    request = op["requestBody"]
+    assert request["required"] is True
+    assert {"image/png", "image/jpeg"} <= set(request["content"])
+    assert all(c["schema"] == {"type": "string", "format": "binary"} for c in request["content"].values())
+    assert {"200", "413", "415", "422", "503"} <= set(op["responses"])
+    error = op["responses"]["415"]["content"]["application/json"]["schema"]
+    assert error["required"] == ["error", "status"]
+
+
+def test_schemathesis_finds_nothing_wrong_with_the_live_service(service, tmp_path):
+    """The API fuzzer, run as its users run it, against the service on loopback: schema-valid requests (binary
+    bodies of every declared content type, every output) with a bounded example count; zero failures."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("schemathesis", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("schemathesis is not installed (make setup installs the dev extras)")
+    # positive_data_acceptance is left out, and only it: a body the schema allows (any bytes, format binary) may
+    # still be no decodable image or one under 16 pixels a side, which the service must answer with its declared
+    # 422; no schema can say "a decodable image of at least 16 x 16 pixels".
+    run = subprocess.run([exe, "run", f"http://127.0.0.1:{service.port}/openapi.json", "--max-examples", "25",
+                          "--checks", "all", "--exclude-checks", "positive_data_acceptance",
+                          "--generation-deterministic", "--workers", "1"],
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+
+
+def test_a_model_without_a_known_size_serves_each_frame_at_its_own(tmp_path):
+    """A model exported from a public release checkpoint records no training size: the service still starts,
+    and runs every frame at its own size (frames of one size share batches)."""
+    import json
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_small", 19, width=8, bn="train").eval()
+    assert model.info.train_size is None
+    save_checkpoint(str(tmp_path / "m.pt"), model)
+    export_onnx(str(tmp_path / "m.pt"), str(tmp_path / "m.onnx"), parity_shapes=((1, 32, 48),))
+    svc = Service(str(tmp_path / "m.onnx"))
+    try:
+        _, _, meta = svc.request("GET", "/metadata")
+        assert json.loads(meta)["input"]["size"] is None
+        session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+        from sdca_serve.metadata import session_metadata
+        from sdca_serve.runtime import preprocess
+        info = session_metadata(session)
+        rng = np.random.default_rng(0)
+        for h, w in ((40, 72), (57, 33)):
+            frame = (rng.random((h, w, 3)) * 255).astype(np.uint8)
+            status, _, body = svc.segment(png(frame))
+            assert status == 200
+            labels = np.asarray(Image.open(io.BytesIO(body)))
+            expected = session.run(None, {"image": preprocess(frame[None], info)})[0].argmax(1)[0]
+            assert labels.shape == (h, w) and (labels == expected).mean() >= 0.999
+    finally:
+        svc.stop()
+
+
+def test_an_int8_model_is_served(served_model, tmp_path):
+    """The service runs an INT8 (QDQ) export like any other: labels as ONNX Runtime gives them."""
+    from sdca.deploy.quantize import quantize_int8
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(12):
+        image, _ = generate_frame("real", "test", i, SIZE[1], SIZE[0])
+        Image.fromarray(image).save(frames / f"{i:02d}.png")
+    int8 = tmp_path / "m.int8.onnx"
+    quantize_int8(served_model, str(int8), str(frames), calib_frames=8, held_out_frames=4, min_agreement=0.0,
+                  progress=False)
+    svc = Service(str(int8))
+    try:
+        frame = np.asarray(Image.open(frames / "00.png").convert("RGB"))
+        status, _, body = svc.segment(png(frame))
+        assert status == 200
+        expected = OnnxSegmenter(str(int8)).predict(frame[None])[0][0]
+        assert (np.asarray(Image.open(io.BytesIO(body))) == expected).mean() >= 0.999
+    finally:
+        svc.stop()

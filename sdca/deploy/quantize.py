@@ -1,0 +1,199 @@
+"""INT8 export with ONNX Runtime's static quantization, and an accuracy gate against the float model.
+
+Steps: ONNX Runtime's pre-processing (shape inference, graph optimisation), then ``quantize_static`` in QDQ
+format with signed 8-bit activations and per-channel signed 8-bit weights, calibrated on frames pre-processed
+exactly as ``sdca infer`` feeds them (the model's metadata: channel order, scale, mean, std). The output stage
+stays in float: the final ``Resize`` (the upsampling to the input size), ``Softmax`` and ``ArgMax`` only move or
+rank values that the quantized network already produced, and quantizing the upsampled K x H x W logits would
+add a rounding step at full resolution for no arithmetic saved.
+
+The gate then runs both models on held-out frames (never the calibration ones) and measures the label
+agreement per pixel and the mIoU of the INT8 labels against the float labels; both go into the model's metadata
+with the calibration settings, and a model below ``min_agreement`` is not written unless ``force``.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import tempfile
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .metadata import read_onnx_metadata
+
+CALIB_METHODS = ("entropy", "minmax", "percentile")
+KEEP_FLOAT_OPS = ("Resize", "Softmax", "ArgMax")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+class QuantizationRejected(ValueError):
+    """The INT8 model agrees with the float model on too few pixels; nothing was written."""
+
+
+@dataclass
+class FrameSplit:
+    calibration: List[str]
+    held_out: List[str]
+
+
+def find_frames(source) -> List[str]:
+    """Image files from a folder (recursive), a glob pattern or a list of paths, sorted."""
+    if isinstance(source, (list, tuple)):
+        frames = sorted(p for p in source if p.lower().endswith(IMAGE_EXTENSIONS))
+        if not frames:
+            raise FileNotFoundError("no calibration frames in the data set given")
+        return frames
+    if os.path.isdir(source):
+        paths = glob.glob(os.path.join(source, "**", "*"), recursive=True)
+    else:
+        paths = glob.glob(source, recursive=True)
+    frames = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+    if not frames:
+        raise FileNotFoundError(f"no calibration frames ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+    return frames
+
+
+def split_frames(frames: Sequence[str], calib: int, held_out: int, seed: int = 0) -> FrameSplit:
+    """A fixed shuffle, then the first ``calib`` frames calibrate and the next ``held_out`` judge: disjoint."""
+    order = list(frames)
+    random.Random(seed).shuffle(order)
+    return FrameSplit(order[:calib], order[calib:calib + held_out])
+
+
+def load_frames(paths: Sequence[str], size: Optional[Tuple[int, int]]) -> Tuple[List[np.ndarray], List[str]]:
+    """uint8 RGB frames (resized to ``size`` = (width, height) when given) and the paths that could not be read."""
+    from PIL import Image
+
+    frames, unreadable = [], []
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                rgb = im.convert("RGB")
+                if size is not None and rgb.size != tuple(size):
+                    rgb = rgb.resize(tuple(size), Image.BILINEAR)
+                frames.append(np.asarray(rgb))
+        except (OSError, ValueError, SyntaxError):
+            unreadable.append(path)
+    return frames, unreadable
+
+
+def _is_quantized(model) -> bool:
+    return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear")
+               for n in model.graph.node)
+
+
+def label_agreement(float_labels: np.ndarray, int8_labels: np.ndarray, num_classes: int) -> Tuple[float, float]:
+    """(share of pixels with the same label, mIoU of the INT8 labels with the float labels as the truth)."""
+    a, b = float_labels.reshape(-1).astype(np.int64), int8_labels.reshape(-1).astype(np.int64)
+    agreement = float((a == b).mean())
+    cm = np.bincount(a * num_classes + b, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    inter = np.diag(cm).astype(np.float64)
+    union = cm.sum(0) + cm.sum(1) - np.diag(cm)
+    present = union > 0
+    return agreement, float((inter[present] / union[present]).mean()) if present.any() else 1.0
+
+
+def _labels(session, x: np.ndarray, output: str) -> np.ndarray:
+    out = session.run(None, {session.get_inputs()[0].name: x})[0]
+    return out.astype(np.uint8) if output == "labels" else out.argmax(1).astype(np.uint8)
+
+
+def quantize_int8(float_path: str, out_path: str, calibration: str, *, calib_frames: int = 200,
+                  held_out_frames: int = 20, method: str = "entropy", size: Optional[Tuple[int, int]] = None,
+                  min_agreement: float = 0.98, force: bool = False, held_out: Optional[str] = None,
+                  keep_float: Sequence[str] = KEEP_FLOAT_OPS, progress: bool = True) -> dict:
+    """Quantize the exported float model at ``float_path`` to ``out_path`` (see the module docstring).
+
+    ``calibration``: a folder, glob or list of frames; ``held_out``: another for the accuracy check (default: further
+    frames of ``calibration``, never the ones calibrated on). ``size`` (width, height): the size frames are brought to for
+    calibration and the gate (default: the model's fixed input size, else its training size, else each
+    frame's own). Returns the report also stored in the metadata; raises :class:`QuantizationRejected` below
+    ``min_agreement`` unless ``force`` (nothing is written then).
+    """
+    import onnx
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from tqdm.auto import tqdm
+
+    from sdca_serve.runtime import preprocess
+
+    from .._atomic import atomic_write
+
+    if method not in CALIB_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIB_METHODS)}, got {method!r}")
+    if not 0 <= min_agreement <= 1:
+        raise ValueError(f"min_agreement must lie in [0, 1], got {min_agreement}")
+    float_model = onnx.load(float_path)
+    if _is_quantized(float_model):
+        raise ValueError(f"{float_path} is quantized already: quantize the float export")
+    info = read_onnx_metadata(float_path)
+    size = size or info.input_size or info.train_size
+    frames = find_frames(calibration)
+    split = split_frames(frames, calib_frames, held_out_frames)
+    if held_out is not None:
+        used = set(split.calibration)
+        split = FrameSplit(split.calibration, [f for f in find_frames(held_out) if f not in used][:held_out_frames])
+    calib, bad_calib = load_frames(split.calibration, size)
+    held, bad_held = load_frames(split.held_out, size)
+    if len(calib) < 8 or len(held) < 2:
+        where = calibration if isinstance(calibration, str) else "the calibration data set"
+        raise ValueError(f"{where}: {len(frames)} frames found, {len(calib)} readable for calibration and "
+                         f"{len(held)} held out for the accuracy check ({len(bad_calib) + len(bad_held)} "
+                         "unreadable): at least 8 and 2 are needed, never the same frames")
+
+    class Frames(CalibrationDataReader):
+        def __init__(self):
+            self.frames = iter(tqdm(calib, desc="calibrate", disable=not progress, dynamic_ncols=True))
+
+        def get_next(self):
+            frame = next(self.frames, None)
+            return None if frame is None else {"image": preprocess(frame[None], info)}
+
+    with tempfile.TemporaryDirectory(prefix="sdca-int8-") as tmp:
+        prepared = os.path.join(tmp, "prepared.onnx")
+        quant_pre_process(float_path, prepared, skip_symbolic_shape=False)
+        graph = onnx.load(prepared).graph
+        keep = [n.name for n in graph.node if n.op_type in keep_float]
+        quantized = os.path.join(tmp, "int8.onnx")
+        quantize_static(prepared, quantized, Frames(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        calibrate_method={"entropy": CalibrationMethod.Entropy, "minmax": CalibrationMethod.MinMax,
+                                          "percentile": CalibrationMethod.Percentile}[method],
+                        nodes_to_exclude=keep)
+
+        cpu = ["CPUExecutionProvider"]
+        f_sess = ort.InferenceSession(float_path, providers=cpu)
+        q_sess = ort.InferenceSession(quantized, providers=cpu)
+        f_labels, q_labels = [], []
+        for frame in tqdm(held, desc="accuracy check", disable=not progress, dynamic_ncols=True):
+            x = preprocess(frame[None], info)
+            f_labels.append(_labels(f_sess, x, info.output).reshape(-1))
+            q_labels.append(_labels(q_sess, x, info.output).reshape(-1))
+        agreement, miou = label_agreement(np.concatenate(f_labels), np.concatenate(q_labels), info.num_classes)
+        report = {"format": "QDQ", "activations": "int8", "weights": "int8 per-channel", "method": method,
+                  "calibration_frames": len(calib), "held_out_frames": len(held),
+                  "unreadable_frames": len(bad_calib) + len(bad_held),
+                  "size": list(size) if size else None, "kept_float": list(keep_float),
+                  "label_agreement": agreement, "miou_vs_float": miou, "min_agreement": min_agreement,
+                  "forced": bool(force and agreement < min_agreement)}
+        if agreement < min_agreement and not force:
+            raise QuantizationRejected(
+                f"the INT8 model agrees with the float model on {100 * agreement:.2f}% of pixels "
+                f"({len(held)} held-out frames; mIoU vs float {100 * miou:.1f}), below --min-agreement "
+                f"{100 * min_agreement:.1f}%: not written. Calibrate on more or more typical frames, try another "
+                "--calib-method, or pass --force to write it anyway")
+        model = onnx.load(quantized)
+        props = {p.key: p.value for p in float_model.metadata_props}
+        props.update(precision="int8", quantization=json.dumps(report))
+        del model.metadata_props[:]
+        for key, value in props.items():
+            model.metadata_props.add(key=key, value=value)
+        data = model.SerializeToString()
+        atomic_write(out_path, lambda f: f.write(data))
+    return report
