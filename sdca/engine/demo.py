@@ -69,6 +69,7 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, seed: int = 0, 
     from ..models import load_model
     from .builders import build_dataset
     from .evaluator import evaluate
+    from .plots import plot_curves
     from .runner import Runner
 
     start = time.time()
@@ -92,7 +93,7 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, seed: int = 0, 
     infer_in = [os.path.join(frames, n) for n in sample]
     infer = run_inference(open_segmenter(onnx_path), infer_in, os.path.join(out_dir, "infer"),
                           outputs=("color", "overlay"), progress=False)
-    _curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
+    plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
     _grid(models, test, os.path.join(out_dir, "qualitative.png"))
     report = _report(cfg, results, export, infer, quick, time.time() - start, GENERATOR_VERSION)
     path = os.path.join(out_dir, "report.md")
@@ -133,48 +134,6 @@ def _report(cfg, results, export, infer, quick, seconds, version) -> str:
               f"`sdca infer` on {infer['frames']} target frames: {infer['frames_per_s']} frames/s "
               f"({infer['backend']}), outputs in `infer/`.", ""]
     return "\n".join(lines)
-
-
-def _curves(metrics_path: str, out: str, width: int = 720, height: int = 300) -> None:
-    """Loss curves per stage, drawn with Pillow (no plotting dependency)."""
-    from PIL import Image, ImageDraw
-
-    series = {}
-    offset, last_stage, last_step = 0, None, 0
-    for line in open(metrics_path):
-        r = json.loads(line)
-        if "step" not in r or "eval" in r or "loss_ce" not in r:
-            continue
-        if r["stage"] != last_stage:
-            offset += last_step
-            last_stage = r["stage"]
-        last_step = r["step"]
-        for k, v in r.items():
-            if k.startswith("loss_"):
-                series.setdefault(f"{r['stage']} / {k[5:]}", []).append((offset + r["step"], v))
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    if not series:
-        image.save(out)
-        return
-    xs = [x for s in series.values() for x, _ in s]
-    ys = [y for s in series.values() for _, y in s]
-    x0, x1, y0, y1 = min(xs), max(xs) or 1, 0.0, max(ys) * 1.05 or 1.0
-    left, right, top, bottom = 50, width - 170, 15, height - 30
-    draw.rectangle([left, top, right, bottom], outline="black")
-    draw.text((5, top), f"{y1:.2f}", fill="black")
-    draw.text((5, bottom - 10), "0", fill="black")
-    draw.text((left, bottom + 8), "step (stages one after another)", fill="black")
-    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-               (227, 119, 194), (127, 127, 127)]
-    for i, (name, pts) in enumerate(sorted(series.items())):
-        c = colours[i % len(colours)]
-        px = [(left + (x - x0) / max(1, x1 - x0) * (right - left), bottom - (y - y0) / (y1 - y0) * (bottom - top))
-              for x, y in pts]
-        if len(px) > 1:
-            draw.line(px, fill=c, width=2)
-        draw.text((right + 8, top + 14 * i), name, fill=c)
-    image.save(out)
 
 
 def _grid(models: dict, test, out: str, rows: int = 4) -> None:

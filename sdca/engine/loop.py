@@ -148,7 +148,7 @@ class MetricsLogger(HookBase):
                  progress: bool = True):
         self.path, self.stage, self.period, self.enabled = path, stage, period, enabled
         self.progress = progress  # the bar only: metrics are logged either way
-        self.tensorboard_dir, self.writer, self.bar, self.sums, self.count = tensorboard_dir, None, None, {}, 0
+        self.tensorboard_dir, self.writer, self.bar, self.sums, self.counts = tensorboard_dir, None, None, {}, {}
 
     def before_train(self):
         if not self.enabled:
@@ -173,11 +173,11 @@ class MetricsLogger(HookBase):
         t = self.trainer
         for k, v in t.losses.items():
             self.sums[k] = self.sums.get(k, 0.0) + v
-        self.count += 1
+            self.counts[k] = self.counts.get(k, 0) + 1  # per key: diagnostics come only on some steps
         self.bar.update(1)
         if t.iter % self.period == 0 or t.done or t.stop_requested:
-            means = {k: v / self.count for k, v in self.sums.items()}
-            self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items()})
+            means = {k: v / self.counts[k] for k, v in self.sums.items()}
+            self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items() if k.startswith("loss_")})
             record = {"stage": self.stage, "step": t.iter, **means, "time": round(time.time() - self.start, 2)}
             if self.path:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)
@@ -186,7 +186,7 @@ class MetricsLogger(HookBase):
             if self.writer is not None:
                 for k, v in means.items():
                     self.writer.add_scalar(f"{self.stage}/{k}", v, t.iter)
-            self.sums, self.count = {}, 0
+            self.sums, self.counts = {}, {}
 
     def after_train(self):
         if self.bar is not None:

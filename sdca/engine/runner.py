@@ -338,7 +338,7 @@ class Runner:
             streams = self._streams("adapt", consumed, cfg.solver.adapt, source=source, target=target)
             step = AdaptStep(model, optimizer, streams["source"], streams["target"], stats["features"],
                              stats["outputs"] if cfg.method.multi_level else None, cfg.method, self.device,
-                             cfg.amp, self.dist)
+                             cfg.amp, self.dist, diagnostics_period=cfg.solver.log_period)
             step.consumed = lambda: {k: s.consumed for k, s in streams.items()}
             return step
         self._train_stage("adapt", model, cfg.solver.adapt, make_step, statistics=stats)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -112,10 +112,52 @@ class AdaptStep(StepBase):
     """
 
     def __init__(self, model, optimizer, source, target, feat_stats: SemanticDistribution,
-                 out_stats: Optional[SemanticDistribution], method: MethodConfig, device, amp, dist_info):
+                 out_stats: Optional[SemanticDistribution], method: MethodConfig, device, amp, dist_info,
+                 diagnostics_period: int = 0):
         super().__init__(model, optimizer, device, amp, dist_info)
         self.source, self.target, self.method = source, target, method
         self.feat_stats, self.out_stats = feat_stats, out_stats
+        # Every this many steps (0: never): is each loss term doing anything? See diagnostics().
+        self.diagnostics_period = diagnostics_period
+        self._first_prediction_share: Optional[torch.Tensor] = None
+
+    def diagnostics(self, terms: Dict[str, torch.Tensor], features: List[torch.Tensor],
+                    t_logits: torch.Tensor, t_labels: torch.Tensor) -> Dict[str, float]:
+        """How hard each weighted loss term pulls on the backbone's feature maps, and cheap target signals.
+
+        ``gradnorm_<term>`` = || d(lambda * term) / d(features of both domains) ||: every term reaches the
+        backbone through these maps (CE and Lovasz via the classifier, L_out via the logits), so the norms
+        compare; ``gradshare_<term>`` is the ratio to CE's. A term whose share sits near 0 changes nothing the
+        backbone learns, whatever its loss value. Target side: the share of target pixels predicted as each
+        class that pass the Eq. 5 mask (``confident_<k>``), and the total-variation distance of the target
+        prediction shares from this stage's first measurement (``prediction_drift``).
+        """
+        m = self.method
+        weights = {"ce": 1.0, "lovasz": m.lambda_lov, "feat": m.lambda_feat, "out": m.lambda_out}
+        out: Dict[str, float] = {}
+        for name, weight in weights.items():
+            term = terms.get(f"loss_{name}")
+            if term is None or not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(weight * term, features, retain_graph=True, allow_unused=True)
+            out[f"gradnorm_{name}"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)
+                                                       if any(g is not None for g in grads) else torch.zeros(())))
+        for name in ("lovasz", "feat", "out"):
+            if f"gradnorm_{name}" in out and out.get("gradnorm_ce", 0) > 0:
+                out[f"gradshare_{name}"] = out[f"gradnorm_{name}"] / out["gradnorm_ce"]
+        with torch.no_grad():
+            k = t_logits.shape[1]
+            pred = t_logits.argmax(1).reshape(-1)
+            share = torch.bincount(pred, minlength=k).double() / max(pred.numel(), 1)
+            confident = t_labels.reshape(-1) != IGNORE  # the Eq. 5 mask, computed on these same logits
+            for c in range(k):
+                sel = pred == c
+                if bool(sel.any()):
+                    out[f"confident_{c}"] = float(confident[sel].float().mean())
+            if self._first_prediction_share is None:
+                self._first_prediction_share = share
+            out["prediction_drift"] = float(0.5 * (share - self._first_prediction_share).abs().sum())
+        return out
 
     def _stat_rows(self, rows: torch.Tensor) -> torch.Tensor:
         return statistics_rows(rows, self.method.variant)
@@ -149,9 +191,13 @@ class AdaptStep(StepBase):
                 self.out_stats.update(self._stat_rows(s_log), s_labels, sync=sync)
             terms["loss_out"] = self._contrast(self.out_stats, s_log, s_labels, t_log, t_labels)
         check_finite(terms, iteration)
+        extra = {}
+        if self.diagnostics_period and iteration % self.diagnostics_period == 0:
+            extra = self.diagnostics(terms, [s_out.features, t_out.features], t_out.logits, t_labels)
         total = (terms["loss_ce"] + m.lambda_lov * terms.get("loss_lovasz", 0.0)
                  + m.lambda_feat * terms["loss_feat"] + m.lambda_out * terms.get("loss_out", 0.0))
         self.update(total)
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["target_labelled"] = float((t_labels != IGNORE).float().mean())
+        out.update(extra)
         return out
