@@ -95,7 +95,6 @@ def test_train_without_data_says_what_to_do(tmp_path):
 
 
 def test_every_command_has_a_whole_one_line_summary(tmp_path):
-    import click
 
     from sdca.cli import main
 

@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 from PIL import Image
 
 from sdca.engine.plots import plot_curves, read_curves
