@@ -354,8 +354,7 @@ def _frames_of(source: str):
         dataset = build_dataset(ds_cfg, cfg.model.num_classes)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint="--calibrate") from None
-    root = getattr(dataset, "root", None) or dataset.image_root
-    return [os.path.join(root, name) for name in dataset.names]
+    return [os.path.join(dataset.image_root, name) for name in dataset.names]
 
 
 def _newest(pattern: str, root: str = "runs"):

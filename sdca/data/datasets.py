@@ -331,6 +331,11 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def image_root(self) -> str:
+        """The folder ``names`` are relative to, under the labelled data sets' name for it."""
+        return self.root
+
     def __getitem__(self, index: int) -> dict:
         name = self.names[index]
         try:

@@ -13,7 +13,6 @@ with the calibration settings, and a model below ``min_agreement`` is not writte
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import random
@@ -27,7 +26,6 @@ from .metadata import read_onnx_metadata
 
 CALIB_METHODS = ("entropy", "minmax", "percentile")
 KEEP_FLOAT_OPS = ("Resize", "Softmax", "ArgMax")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 class QuantizationRejected(ValueError):
@@ -41,19 +39,20 @@ class FrameSplit:
 
 
 def find_frames(source) -> List[str]:
-    """Image files from a folder (recursive), a glob pattern or a list of paths, sorted."""
+    """Image files from a folder (recursive), a glob pattern or a list of paths, sorted: what `sdca infer`
+    finds there (its `discover`), videos left out."""
+    from .infer import IMAGE_EXTS, discover
+
     if isinstance(source, (list, tuple)):
-        frames = sorted(p for p in source if p.lower().endswith(IMAGE_EXTENSIONS))
-        if not frames:
-            raise FileNotFoundError("no calibration frames in the data set given")
-        return frames
-    if os.path.isdir(source):
-        paths = glob.glob(os.path.join(source, "**", "*"), recursive=True)
+        frames = sorted(p for p in source if p.lower().endswith(IMAGE_EXTS))
     else:
-        paths = glob.glob(source, recursive=True)
-    frames = sorted(p for p in paths if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+        try:
+            frames = sorted(s.path for s in discover([source]) if not s.video)
+        except (FileNotFoundError, ValueError):  # nothing there: said below, as a calibration problem
+            frames = []
     if not frames:
-        raise FileNotFoundError(f"no calibration frames ({', '.join(IMAGE_EXTENSIONS)}) in {source}")
+        where = source if isinstance(source, str) else "the data set given"
+        raise FileNotFoundError(f"no calibration frames ({', '.join(IMAGE_EXTS)}) in {where}")
     return frames
 
 
@@ -82,9 +81,10 @@ def load_frames(paths: Sequence[str], size: Optional[Tuple[int, int]]) -> Tuple[
     return frames, unreadable
 
 
-def _is_quantized(model) -> bool:
+def is_quantized(graph) -> bool:
+    """Quantize/DequantizeLinear or QLinear* nodes in an ONNX graph."""
     return any(n.op_type in ("QuantizeLinear", "DequantizeLinear") or n.op_type.startswith("QLinear")
-               for n in model.graph.node)
+               for n in graph.node)
 
 
 def label_agreement(float_labels: np.ndarray, int8_labels: np.ndarray, num_classes: int) -> Tuple[float, float]:
@@ -130,7 +130,7 @@ def quantize_int8(float_path: str, out_path: str, calibration: str, *, calib_fra
     if not 0 <= min_agreement <= 1:
         raise ValueError(f"min_agreement must lie in [0, 1], got {min_agreement}")
     float_model = onnx.load(float_path)
-    if _is_quantized(float_model):
+    if is_quantized(float_model.graph):
         raise ValueError(f"{float_path} is quantized already: quantize the float export")
     info = read_onnx_metadata(float_path)
     size = size or info.input_size or info.train_size

@@ -26,9 +26,10 @@ def model_precision(model_path: str) -> str:
     """int8 (QuantizeLinear/DequantizeLinear in the graph), fp16 (float16 weights) or fp32, read off the graph."""
     import onnx
 
+    from .quantize import is_quantized
+
     graph = onnx.load(model_path, load_external_data=False).graph
-    ops = {n.op_type for n in graph.node}
-    if {"QuantizeLinear", "DequantizeLinear"} & ops or any(op.startswith("QLinear") for op in ops):
+    if is_quantized(graph):
         return "int8"
     if any(t.data_type == onnx.TensorProto.FLOAT16 for t in graph.initializer):
         return "fp16"

@@ -386,10 +386,9 @@ class Runner:
         with open(thresholds) as f:
             unlabelled = set(json.load(f).get("unreadable", ()))  # no pseudo-label was written for these
         target = self._dataset("target", None)
-        root = target.root if isinstance(target, ImageFolder) else target.image_root
         names = [n for n in target.names if n not in unlabelled]
         space = LabelSpace("model", tuple(model.info.class_names), tuple(model.info.palette))
-        labelled = PseudoLabelled(root, names, label_dir, space, stage_transform(cfg, "self_train"),
+        labelled = PseudoLabelled(target.image_root, names, label_dir, space, stage_transform(cfg, "self_train"),
                                   cfg.data.on_corrupt)
 
         def make_step(optimizer, consumed):

@@ -140,8 +140,8 @@ class AdaptStep(StepBase):
             if term is None or not term.requires_grad:
                 continue
             grads = torch.autograd.grad(weight * term, features, retain_graph=True, allow_unused=True)
-            out[f"gradnorm_{name}"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)
-                                                       if any(g is not None for g in grads) else torch.zeros(())))
+            parts = [g.float().norm() for g in grads if g is not None]  # the norm over both domains' maps
+            out[f"gradnorm_{name}"] = float(torch.stack(parts).norm()) if parts else 0.0
         for name in ("lovasz", "feat", "out"):
             if f"gradnorm_{name}" in out and out.get("gradnorm_ce", 0) > 0:
                 out[f"gradshare_{name}"] = out[f"gradnorm_{name}"] / out["gradnorm_ce"]
@@ -150,10 +150,10 @@ class AdaptStep(StepBase):
             pred = t_logits.argmax(1).reshape(-1)
             share = torch.bincount(pred, minlength=k).double() / max(pred.numel(), 1)
             confident = t_labels.reshape(-1) != IGNORE  # the Eq. 5 mask, computed on these same logits
-            for c in range(k):
-                sel = pred == c
-                if bool(sel.any()):
-                    out[f"confident_{c}"] = float(confident[sel].float().mean())
+            predicted = torch.bincount(pred, minlength=k).cpu()  # one transfer, not one per class
+            passed = torch.bincount(pred[confident], minlength=k).cpu()
+            for c in torch.nonzero(predicted).flatten().tolist():
+                out[f"confident_{c}"] = float(passed[c]) / float(predicted[c])
             if self._first_prediction_share is None:
                 self._first_prediction_share = share
             out["prediction_drift"] = float(0.5 * (share - self._first_prediction_share).abs().sum())
