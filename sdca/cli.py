@@ -9,7 +9,7 @@ import click
 
 from ._version import __version__
 
-STAGE_NAMES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
+STAGE_NAMES = ("source", "init-stats", "adapt", "pseudo-label", "self-train", "adapt-bn")
 DATA_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images")
 
 
@@ -47,7 +47,8 @@ def _config(config, overrides, **direct):
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
               help="Override a config value, e.g. --set solver.adapt.iters=1000 (repeatable).")
 @click.option("--stage", "stages", multiple=True, type=click.Choice(STAGE_NAMES),
-              help="Run only these stages (repeatable); default: all five in order.")
+              help="Run only these stages (repeatable); default: the five training stages in order. adapt-bn "
+                   "(never by default) re-estimates the last stage's batch norm on the target frames (AdaBN).")
 @click.option("--name", help="Run name: outputs go to OUTPUT_DIR/NAME (default: the config's name).")
 @click.option("--output-dir", help="Folder that holds the runs (default: runs).")
 @click.option("--init", "init_checkpoint", type=click.Path(exists=True, dir_okay=False),
@@ -179,7 +180,7 @@ def _build(kind, root, split, labels, mapping, city, list_file, num_classes, lab
 
 
 def _load(checkpoint, device):
-    from .engine.builders import resolve_device
+    from .device import resolve_device
     from .models import load_model
 
     try:
@@ -272,13 +273,17 @@ def demo(quick, out, seed, quiet):
 
 
 @main.command(short_help="The controlled SynthDrive experiment (seeds, controls, validation sweep).")
-@click.option("--out", default="runs/experiment", show_default=True, type=click.Path(file_okay=False),
-              help="Experiment folder (one sub-folder per run, results/, report.md); SynthDrive is cached beside it.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Experiment folder (one sub-folder per run, results/, report.md); SynthDrive is cached beside "
+                   "it. [default: runs/experiment, runs/experiment-lite0 for --model lite0]")
+@click.option("--model", "model", type=click.Choice(["small", "lite0"]), default="small", show_default=True,
+              help="small: the width-16 network from scratch at 256x128; lite0: EfficientNet-Lite0 from ImageNet "
+                   "at 384x192, output stride 16 (about 1.5 hours on 2 cores with --jobs 2).")
 @click.option("--seeds", default="0,1,2", show_default=True, help="Comma-separated seeds.")
 @click.option("--jobs", default=1, show_default=True, type=click.IntRange(1, 64),
               help="Runs at a time (each gets cores / jobs threads).")
 @click.option("--quick", is_flag=True, help="Tiny frame counts and iterations: checks the plumbing, measures nothing.")
-def experiment(out, seeds, jobs, quick):
+def experiment(out, model, seeds, jobs, quick):
     """The controlled SynthDrive experiment the README reports: source-only, oracle, AdaBN, self-training,
     the lambda = 0 control, SDCA (paper and public-code losses), SDCA + self-training, over several seeds, with
     tau / lambda / batch-norm mode chosen on a validation split. Resumes where it stopped; writes OUT/report.md.
@@ -291,7 +296,9 @@ def experiment(out, seeds, jobs, quick):
         raise click.BadParameter(f"must be comma-separated integers, got {seeds!r}", param_hint="--seeds")
     if not seed_list or 0 not in seed_list:
         raise click.BadParameter("must include seed 0 (the validation sweep runs on it)", param_hint="--seeds")
-    path = run_experiment(out, seeds=seed_list, jobs=jobs, quick=quick, log=lambda m: click.echo(f"sdca: {m}"))
+    out = out or ("runs/experiment" if model == "small" else f"runs/experiment-{model}")
+    path = run_experiment(out, seeds=seed_list, jobs=jobs, quick=quick, model=model,
+                          log=lambda m: click.echo(f"sdca: {m}"))
     click.echo(f"sdca: experiment report: {path}")
 
 
@@ -335,7 +342,7 @@ def _new_folder(parent: str, name: str) -> str:
     return path
 
 
-def _frames_of(source: str):
+def _frames_of(source: str, hint: str = "--calibrate"):
     """A folder or glob as given; CONFIG:ENTRY (a preset or YAML file, and source | target | val) as the image
     paths of that data set."""
     import glob as globbing
@@ -350,10 +357,10 @@ def _frames_of(source: str):
         cfg = load_config(config)
         ds_cfg = getattr(cfg.data, entry)
         if ds_cfg is None:
-            raise click.BadParameter(f"{config} has no data.{entry}", param_hint="--calibrate")
+            raise click.BadParameter(f"{config} has no data.{entry}", param_hint=hint)
         dataset = build_dataset(ds_cfg, cfg.model.num_classes)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--calibrate") from None
+        raise click.BadParameter(str(exc), param_hint=hint) from None
     return [os.path.join(dataset.image_root, name) for name in dataset.names]
 
 
@@ -414,6 +421,9 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
 
     Without CHECKPOINT, the newest final checkpoint under runs/. Beside the model go the side files robotics
     stacks read (NAME.labels.txt, NAME.palette.csv, NAME.yaml; --no-sidecar to skip).
+
+    Deploying to a camera unlike the training frames? Run `sdca adapt-bn CHECKPOINT FRAMES... -o ADAPTED.pt`
+    first and export ADAPTED.pt: batch-norm statistics of that camera, from unlabelled frames.
     """
     import tempfile
 
@@ -555,3 +565,47 @@ def infer(inputs, model, out, backend, device, providers, batch, size, workers, 
 
 if __name__ == "__main__":
     main()
+
+
+@main.command("adapt-bn", short_help="Re-estimate batch-norm statistics on unlabelled target frames (AdaBN).")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.argument("targets", nargs=-1, required=True, metavar="TARGET...")
+@click.option("-o", "--out", required=True, type=click.Path(dir_okay=False), metavar="ADAPTED.pt",
+              help="Where the adapted checkpoint goes (written atomically).")
+@click.option("--frames", "max_frames", default=500, show_default=True, type=click.IntRange(1),
+              help="At most this many frames (a fixed random subset when there are more).")
+@click.option("--size", callback=_parse_size, metavar="WxH",
+              help="The size frames are brought to (default: the model's training size).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(2),
+              help="Frames per batch (statistics are averaged over batches).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def adapt_bn(checkpoint, targets, out, max_frames, size, batch_size, device, quiet):
+    """AdaBN: CHECKPOINT with every batch norm's running mean and variance re-estimated on TARGET frames (folders,
+    glob patterns, image files, or a config's data set entry such as my.yaml:target), written to ADAPTED.pt.
+
+    No labels, no source data, no training: one pass over frames from the camera the model will run on. Use it
+    after training on a simulator and before `sdca export`, whenever the deployment camera differs from the
+    training frames; on SynthDrive it gave most of adaptation's measured gain (README). Models trained with
+    frozen batch norm keep that mode; a model without batch norm (VGG-16) is refused.
+    """
+    from .deploy.quantize import find_frames
+    from .device import resolve_device
+    from .engine.adapt_bn import adapt_batchnorm
+
+    if not os.path.isfile(checkpoint):
+        raise click.BadParameter(f"{checkpoint} does not exist", param_hint="CHECKPOINT")
+    frames = []
+    for target in targets:
+        found = _frames_of(target, "TARGET")
+        try:
+            frames += found if isinstance(found, list) else find_frames(found, "target frames")
+        except FileNotFoundError as exc:
+            raise click.BadParameter(str(exc), param_hint="TARGET") from None
+    try:
+        summary = adapt_batchnorm(checkpoint, frames, out, max_frames=max_frames, size=size,
+                                  batch_size=batch_size, device=str(resolve_device(device)), progress=not quiet)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"sdca: re-estimated {summary['layers']} batch-norm layers on {summary['frames']} frames "
+               f"({summary['batches']} batches) -> {out}")

@@ -38,7 +38,7 @@ class FrameSplit:
     held_out: List[str]
 
 
-def find_frames(source) -> List[str]:
+def find_frames(source, what: str = "calibration frames") -> List[str]:
     """Image files from a folder (recursive), a glob pattern or a list of paths, sorted: what `sdca infer`
     finds there (its `discover`), videos left out."""
     from .infer import IMAGE_EXTS, discover
@@ -52,7 +52,7 @@ def find_frames(source) -> List[str]:
             frames = []
     if not frames:
         where = source if isinstance(source, str) else "the data set given"
-        raise FileNotFoundError(f"no calibration frames ({', '.join(IMAGE_EXTS)}) in {where}")
+        raise FileNotFoundError(f"no {what} ({', '.join(IMAGE_EXTS)}) in {where}")
     return frames
 
 

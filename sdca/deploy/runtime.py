@@ -14,7 +14,7 @@ class TorchSegmenter:
     def __init__(self, checkpoint: str, device: str = "auto"):
         import torch
 
-        from ..engine.builders import resolve_device
+        from ..device import resolve_device
         from ..models import load_model
         from .onnx_export import deploy_info
 

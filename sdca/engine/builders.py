@@ -158,11 +158,14 @@ class Stream:
 # ----------------------------------------------------------------------------------- model, optimizer
 def build_model_from_config(m: ModelConfig, train_size=None, class_names=None, palette=None):
     pretrained = None if m.no_pretrained else m.pretrained
+    if pretrained is None and m.arch == "deeplabv2_lite0" and not m.no_pretrained:
+        pretrained = "imagenet"  # its weights ship with a package: nothing for the user to fetch
     if pretrained is None and not m.no_pretrained and m.arch != "deeplabv2_small":
         raise ValueError(f"{m.arch} starts from ImageNet weights: set model.pretrained to a local torchvision file "
                          "(see the README for which file) or pass --no-pretrained to train from scratch")
     return build_model(m.arch, m.num_classes, bn=m.bn, pretrained=pretrained, width=m.width,
-                       train_size=train_size, class_names=class_names, palette=palette)
+                       train_size=train_size, class_names=class_names, palette=palette,
+                       output_stride=m.output_stride)
 
 
 def build_optimizer(model, solver: SolverConfig, stage: StageSolver) -> torch.optim.SGD:
@@ -177,12 +180,3 @@ def build_optimizer(model, solver: SolverConfig, stage: StageSolver) -> torch.op
 
 def poly_lr(base_lr: float, it: int, max_iter: int, power: float) -> float:
     return base_lr * max(0.0, 1.0 - it / max(1, max_iter)) ** power
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device

@@ -22,6 +22,8 @@ RESIZE_MODES = ("bilinear", "bicubic")
 SAMPLING_MODES = ("uniform", "class_balanced")
 SCALE_BASES = ("size", "raw")
 STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
+# Stages a run can add after those (never in the default list): AdaBN on the target frames.
+OPTIONAL_STAGES = ("adapt-bn",)
 
 
 @dataclass
@@ -92,9 +94,12 @@ class ModelConfig:
     arch: str = "deeplabv2_resnet101"
     num_classes: int = 19
     bn: str = "frozen"
-    pretrained: Optional[str] = None  # a local torchvision ImageNet file; None with no_pretrained
+    # ImageNet weights: a local torchvision file (ResNet, VGG-16) or "imagenet" (Lite0: shipped in a package);
+    # None with no_pretrained. Lite0 defaults to "imagenet".
+    pretrained: Optional[str] = None
     no_pretrained: bool = False
     width: int = 16  # deeplabv2_small only
+    output_stride: Optional[int] = None  # deeplabv2_lite0 only: 16 (default) or 8
 
 
 @dataclass
@@ -341,8 +346,9 @@ def validate(cfg: Config) -> None:
     for key in ("source_size", "target_size"):
         size = getattr(cfg.data, key)
         check(len(size) == 2 and all(s > 0 for s in size), f"data.{key}", "must be [width, height]")
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    check(not unknown, "stages", f"unknown stage {unknown[0] if unknown else ''}; stages: {', '.join(STAGES)}")
+    unknown = [s for s in cfg.stages if s not in STAGES + OPTIONAL_STAGES]
+    check(not unknown, "stages",
+          f"unknown stage {unknown[0] if unknown else ''}; stages: {', '.join(STAGES + OPTIONAL_STAGES)}")
     for name in ("source", "target"):
         ds = getattr(cfg.data, name)
         check(ds.kind in DATASET_KINDS, f"data.{name}.kind", f"must be one of {', '.join(DATASET_KINDS)}")

@@ -6,6 +6,11 @@ re-estimated on target images); self-training from source-only; the adapt stage 
 public code's loss; SDCA + self-training. tau, lambda, the batch-norm mode and the target mask (Eq. 5 or its
 class-balanced form) are chosen by a sweep on a labelled *validation* split of the real domain (seed 0); every
 row is reported on a separate test split. Each finished piece is saved, so an interrupted run resumes.
+
+Two models (``--model``): ``small`` (the width-16 network from scratch at 256 x 128, the first experiment) and
+``lite0`` (EfficientNet-Lite0 from ImageNet at 384 x 192, output stride 16: the paper's regime of a pretrained
+backbone). The Lite0 plan is shorter and its sweep smaller (a step costs about 3x the small model's), and
+its warm-up batch-norm mode (trained vs frozen ImageNet statistics) is itself chosen on validation first.
 """
 from __future__ import annotations
 
@@ -22,10 +27,14 @@ from .demo import synthdrive_config
 # Longer than the demo: the oracle needs it to separate from source-only (600 warm-up steps left it at 17.6).
 EXPERIMENT_PLAN = {"frames": (300, 300, 100), "iters": (800, 400, 400), "batch": 4}
 EXPERIMENT_QUICK = {"frames": (24, 24, 12), "iters": (20, 10, 10), "batch": 2}
+# Lite0 at 384 x 192: about 3x the small model's cost per step, so fewer steps (it starts from ImageNet).
+LITE0_PLAN = {"frames": (300, 300, 100), "iters": (300, 100, 100), "batch": 4}
+PLANS = {"small": EXPERIMENT_PLAN, "lite0": LITE0_PLAN}
 # Validation sweep: first batch-norm mode x loss weight (tau 0.5), then tau around the best of those.
 SWEEP_BN = ("train", "target")
-SWEEP_LAMBDA = (0.0, 0.1, 1.0)
-SWEEP_TAU = (0.1, 1.0)
+SWEEP_LAMBDA = {"small": (0.0, 0.1, 1.0), "lite0": (0.1, 1.0)}  # lite0: the control rows measure lambda = 0
+SWEEP_TAU = {"small": (0.1, 1.0), "lite0": (0.1,)}
+WARMUP_BN = {"small": ("train",), "lite0": ("train", "frozen")}  # chosen on validation, seed 0
 DELTA = 0.9
 
 ROWS = [  # (key, label, batch norm during the run that made it)
@@ -41,9 +50,13 @@ ROWS = [  # (key, label, batch norm during the run that made it)
 
 
 class Experiment:
-    def __init__(self, out_dir: str = "runs/experiment", *, quick: bool = False, progress: bool = False):
+    def __init__(self, out_dir: str = "runs/experiment", *, quick: bool = False, progress: bool = False,
+                 model: str = "small"):
+        if model not in PLANS:
+            raise ValueError(f"model must be one of {', '.join(PLANS)}, got {model!r}")
         self.out_dir = os.path.abspath(out_dir)
-        self.plan = dict(EXPERIMENT_QUICK if quick else EXPERIMENT_PLAN)
+        self.model = model
+        self.plan = dict(EXPERIMENT_QUICK if quick else PLANS[model])
         self.quick = quick
         self.progress = progress
         self.cache = os.path.join(os.path.dirname(self.out_dir), "synthdrive-cache")
@@ -61,9 +74,11 @@ class Experiment:
         atomic_write_text(self._result_path(key), json.dumps(value, indent=1))
         return value
 
-    def _cfg(self, name: str, seed: int, *, source_domain: str = "sim", method: Optional[dict] = None):
+    def _cfg(self, name: str, seed: int, *, source_domain: str = "sim", method: Optional[dict] = None,
+             bn: Optional[str] = None):
         return synthdrive_config(os.path.join(self.out_dir, name), self.plan, seed, self.cache,
-                                 source_domain=source_domain, val_split="val", method=method)
+                                 source_domain=source_domain, val_split="val", method=method, model=self.model,
+                                 model_overrides={"bn": bn or self.warmup_bn()})
 
     def _score(self, model, cfg) -> dict:
         """mIoU on the validation split (for choices) and the test split (for the report)."""
@@ -102,8 +117,34 @@ class Experiment:
                                     checkpoint=runner.final_path(stages[-1]), **extra))
 
     # ---------------------------------------------------------------------------------------- pieces
+    def warmup(self, bn: str) -> dict:
+        """Seed 0's source-only warm-up with batch-norm mode ``bn`` (the candidates of WARMUP_BN). Frozen
+        ImageNet statistics take half the learning rate (the prototype's 0.005: at 0.01 the loss diverged); a
+        run that still diverges is recorded as such (mIoU 0) rather than stopping the experiment."""
+        from .loop import NonFiniteLoss
+
+        key = "s0_source" if bn == WARMUP_BN[self.model][0] else f"s0_source_bn-{bn}"
+        cfg = self._cfg(key, 0, bn=bn)
+        if bn == "frozen":
+            cfg.solver.source.lr /= 2
+        try:
+            return self._scored_stage(key, cfg, ["source"], None, {"bn": bn, "lr": cfg.solver.source.lr})
+        except NonFiniteLoss as exc:
+            failed = {"mIoU": 0.0, "IoU": {}}
+            return self._save(key, {"val": failed, "test": failed, "diverged": str(exc), "bn": bn,
+                                    "lr": cfg.solver.source.lr})
+
+    def warmup_bn(self) -> str:
+        """The warm-up batch-norm mode with the best validation mIoU (the first candidate needs no run)."""
+        candidates = WARMUP_BN[self.model]
+        if len(candidates) == 1:
+            return candidates[0]
+        return max(candidates, key=lambda bn: self.warmup(bn)["val"]["mIoU"] or 0.0)
+
     def source(self, seed: int, domain: str = "sim") -> dict:
         key = f"s{seed}_{'source' if domain == 'sim' else 'oracle'}"
+        if key == "s0_source" and WARMUP_BN[self.model][0] != self.warmup_bn():
+            key = f"s0_source_bn-{self.warmup_bn()}"  # the validation-chosen run is seed 0's source-only
         cfg = self._cfg(key, seed, source_domain=domain)
         return self._scored_stage(key, cfg, ["source"], None, {})
 
@@ -166,16 +207,19 @@ class Experiment:
     # ----------------------------------------------------------------------------------------- sweep
     def sweep_grid(self) -> List[dict]:
         """Round 1: batch-norm mode x loss weight at tau 0.5 (lambda 0 is the control for each mode)."""
-        return [{"bn": bn, "lam": lam, "tau": 0.5} for bn in SWEEP_BN for lam in SWEEP_LAMBDA]
+        return [{"bn": bn, "lam": lam, "tau": 0.5} for bn in SWEEP_BN for lam in SWEEP_LAMBDA[self.model]]
 
     def sweep_taus(self) -> List[dict]:
         """Round 2: tau around the round-1 best."""
-        return [dict(self.best(self.sweep_grid()), tau=t) for t in SWEEP_TAU]
+        return [dict(self.best(self.sweep_grid()), tau=t) for t in SWEEP_TAU[self.model]]
 
     def sweep_balanced(self) -> List[dict]:
-        """Round 3: the class-balanced target mask at the best batch-norm mode and tau, for each lambda > 0."""
+        """Round 3: the class-balanced target mask at the best batch-norm mode and tau, for each lambda > 0
+        (lite0: at the best lambda only)."""
         b = self.best(self.sweep_grid() + self.sweep_taus())
-        return [dict(b, lam=lam, cb=True) for lam in SWEEP_LAMBDA if lam > 0]
+        if self.model == "lite0":
+            return [dict(b, cb=True)]
+        return [dict(b, lam=lam, cb=True) for lam in SWEEP_LAMBDA[self.model] if lam > 0]
 
     def sweep_point(self, p: dict) -> dict:
         return self.adapt("sweep_" + self.tag(p), 0, "paper", p)
@@ -217,28 +261,32 @@ class Experiment:
 
 
 # --------------------------------------------------------------------------------------- orchestration
-def _task(out_dir: str, quick: bool, threads: int, name: str, args: tuple):
+def _task(out_dir: str, quick: bool, model: str, threads: int, name: str, args: tuple):
     import torch
 
     torch.set_num_threads(threads)
-    exp = Experiment(out_dir, quick=quick)
+    exp = Experiment(out_dir, quick=quick, model=model)
     return getattr(exp, name)(*args)
 
 
 def run_experiment(out_dir: str = "runs/experiment", *, seeds: Sequence[int] = (0, 1, 2), jobs: int = 1,
-                   quick: bool = False, log=print) -> str:
+                   quick: bool = False, model: str = "small", log=print) -> str:
     """Run (or resume) every piece, ``jobs`` at a time, then write ``report.md``; returns its path."""
-    exp = Experiment(out_dir, quick=quick)
+    exp = Experiment(out_dir, quick=quick, model=model)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
 
     def parallel(calls):
         if jobs <= 1:
-            return [_task(out_dir, quick, threads, n, a) for n, a in calls]
+            return [_task(out_dir, quick, model, threads, n, a) for n, a in calls]
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_task, out_dir, quick, threads, n, a) for n, a in calls]
+            futures = [pool.submit(_task, out_dir, quick, model, threads, n, a) for n, a in calls]
             return [f.result() for f in futures]
 
     start = time.time()
+    if len(WARMUP_BN[model]) > 1:
+        log(f"experiment: warm-up batch norm {' vs '.join(WARMUP_BN[model])} on validation (seed 0)")
+        parallel([("warmup", (bn,)) for bn in WARMUP_BN[model]])
+        log(f"experiment: warm-up batch norm chosen: {exp.warmup_bn()}")
     log(f"experiment: baselines (source-only, oracle, AdaBN, self-training) for seeds {list(seeds)}")
     parallel([("source", (s, "sim")) for s in seeds] + [("source", (s, "real")) for s in seeds])
     parallel([("baselines", (s,)) for s in seeds])
@@ -280,8 +328,11 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
 
     table = collect(exp, seeds, choice)
     p = exp.plan
+    model = ("384x192; deeplabv2_lite0 (EfficientNet-Lite0 from ImageNet, output stride 16, batch norm "
+             f"{exp.warmup_bn()} in the warm-up)" if exp.model == "lite0"
+             else "256x128; deeplabv2_small (width 16) from scratch")
     lines = ["# SDCA on SynthDrive: the controlled experiment", "",
-             f"SynthDrive {GENERATOR_VERSION}, sim -> real, 256x128; deeplabv2_small (width 16) from scratch; "
+             f"SynthDrive {GENERATOR_VERSION}, sim -> real, {model}; "
              f"{p['frames'][0]} source frames, {p['frames'][1]} target frames (unlabelled, except for the oracle), "
              f"{p['frames'][2]} validation and {p['frames'][2]} test frames of the real domain. Iterations: source "
              f"{p['iters'][0]}, adapt {p['iters'][1]}, self-training {p['iters'][2]}, batch {p['batch']} per domain. "
@@ -320,8 +371,48 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
             mask = "class-balanced" if m.get("class_balanced_mask") else "Eq. 5"
             lines.append(f"| {m['adapt_bn']} | {m['lambda_feat']} | {m['tau']} | {mask} | "
                          f"{100 * (r['val']['mIoU'] or 0):.1f} |")
+    if len(WARMUP_BN[exp.model]) > 1:
+        lines += ["", "## Warm-up batch norm (seed 0, source-only, validation split)", "",
+                  "| batch norm in the warm-up | val mIoU | test mIoU |", "| --- | ---: | ---: |"]
+        for bn in WARMUP_BN[exp.model]:
+            r = exp.warmup(bn)
+            lines.append(f"| {bn} (lr {r.get('lr', p.get('lr', ''))}) | {100 * (r['val']['mIoU'] or 0):.1f} | "
+                         f"{100 * (r['test']['mIoU'] or 0):.1f} |" + (" diverged |" if r.get("diverged") else ""))
+    lines += _diagnostics(exp, seeds, choice)
     path = os.path.join(exp.out_dir, "report.md")
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(exp.out_dir, "summary.json"),
                       json.dumps({"choice": choice, "seeds": list(seeds), "rows": table}, indent=1))
     return path
+
+
+def _diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List[str]:
+    """What the adaptation runs logged (sdca.engine.steps diagnostics): the median over the run of each loss
+    term's gradient at the features relative to CE's, the confident (Eq. 5) share, and the first and last L_feat."""
+    import statistics
+
+    rows = []
+    for row in ("control", "sdca_paper", "sdca_public"):
+        for seed in seeds:
+            path = os.path.join(exp.out_dir, exp.row_key(row, seed, choice), "metrics.jsonl")
+            if not os.path.isfile(path):
+                continue
+            records = [json.loads(line) for line in open(path) if line.strip()]
+            records = [r for r in records if r.get("stage") == "adapt"] or records
+            series = lambda key: [r[key] for r in records if isinstance(r.get(key), (int, float))]  # noqa: E731
+            med = lambda key: statistics.median(series(key)) if series(key) else float("nan")  # noqa: E731
+            confident = [statistics.fmean(v) for r in records
+                         if (v := [x for k, x in r.items() if k.startswith("confident_")])]
+            feat = series("loss_feat_src") or series("loss_feat")
+            rows.append(f"| {row} | {seed} | {100 * med('gradshare_feat'):.2f}% | {100 * med('gradshare_out'):.2f}% | "
+                        f"{100 * med('gradshare_lovasz'):.1f}% | "
+                        f"{100 * statistics.median(confident) if confident else float('nan'):.1f}% | "
+                        + (f"{feat[0]:.3f} -> {feat[-1]:.3f}" if feat else "n/a") + " |")
+    if not rows:
+        return []
+    return ["", "## What the loss terms did (adaptation runs' logged diagnostics, medians over each run)", "",
+            "Gradient share: the norm of a term's gradient at the backbone features (both domains), relative to the "
+            "source CE term's. Confident: mean over classes of the share of a class's predicted target pixels that "
+            "pass the Eq. 5 mask.", "",
+            "| row | seed | L_feat share | L_out share | Lovász share | confident | L_feat first -> last |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | --- |"] + rows

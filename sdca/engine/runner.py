@@ -22,7 +22,8 @@ from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, col
 from ..data.sampling import class_balanced_order, class_sets
 from ..method import SemanticDistribution, downsample_labels
 from ..models import load_model, read_checkpoint, save_checkpoint, set_batchnorm_mode
-from .builders import Stream, build_dataset, build_model_from_config, build_optimizer, resolve_device
+from ..device import resolve_device
+from .builders import Stream, build_dataset, build_model_from_config, build_optimizer
 from .config import Config, save_config, to_dict
 from .distributed import DistInfo, barrier, init_distributed
 from .evaluator import evaluate, format_table, standard_subsets
@@ -32,7 +33,7 @@ from .recipe import stage_data, stage_transform
 from .steps import AdaptStep, SupervisedStep, pixel_rows, statistics_rows
 
 log = logging.getLogger("sdca")
-STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5}
+STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5, "adapt-bn": 6}
 
 
 def stream_seed(seed: int, stage: str, index: int) -> int:
@@ -353,6 +354,27 @@ class Runner:
                 if self.progress:
                     print(f"sdca: {stage}: {len(names)} {what}, e.g. {sorted(names)[0]}", flush=True)
         self._record({"stage": stage, "unreadable_frames": sorted(unreadable), "mismatched_pairs": sorted(mismatched)})
+
+    def run_adapt_bn(self) -> None:
+        """AdaBN after the last training stage: the newest of self-train, adapt and source (or --init), with its
+        batch-norm statistics re-estimated on data.target (see :mod:`sdca.engine.adapt_bn`)."""
+        from .adapt_bn import adapt_batchnorm
+
+        if self.init_checkpoint and self._first_stage == "adapt-bn":
+            start = self.init_checkpoint
+        else:
+            done = [self.final_path(s) for s in ("self-train", "adapt", "source") if os.path.isfile(self.final_path(s))]
+            if not done:
+                raise FileNotFoundError("stage adapt-bn re-estimates a trained model's batch norm: run a training "
+                                        "stage first, or pass --init CHECKPOINT")
+            start = done[0]
+        target = self._dataset("target", build_transform(size=self.cfg.data.target_size))
+        frames = [os.path.join(target.image_root, name) for name in target.names]
+        if self.dist.is_main:
+            summary = adapt_batchnorm(start, frames, self.final_path("adapt-bn"), size=self.cfg.data.target_size,
+                                      batch_size=max(2, self.cfg.data.batch_size), device=str(self.device),
+                                      progress=self.progress)
+            self._record({"stage": "adapt-bn", "done": True, "from": start, **summary})
 
     def run_pseudo_label(self) -> None:
         cfg = self.cfg

@@ -4,7 +4,8 @@ from .deeplab import (CAFFE_BGR, IMAGENET, ASPPClassifier, DeepLabV2, ModelInfo,
                       upsample_logits)
 from .layers import FrozenBatchNorm2d, set_batchnorm_mode
 from .registry import ARCHS, build_model, model_from_info
-from .weights import LoadReport, import_public_checkpoint, load_torchvision_weights
+from .public import import_public_checkpoint
+from .weights import LoadReport, load_torchvision_weights
 
 __all__ = [
     "build_model", "load_model", "save_checkpoint", "read_checkpoint", "atomic_save", "model_from_info", "ARCHS",

@@ -10,7 +10,7 @@ from .._atomic import atomic_write
 from .._version import __version__
 from .deeplab import DeepLabV2, ModelInfo
 from .registry import model_from_info
-from .weights import import_public_checkpoint, is_public_checkpoint
+from .public import import_public_checkpoint, is_public_checkpoint
 
 FORMAT = "sdca-checkpoint"
 FORMAT_VERSION = 1

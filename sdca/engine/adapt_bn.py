@@ -1,0 +1,102 @@
+"""`sdca adapt-bn`: re-estimate a checkpoint's batch-norm statistics on unlabelled target frames (AdaBN).
+
+On SynthDrive this one pass over target frames gave most of the measured gain of adaptation (README). It needs
+no labels, no source data and no training: a robot team can run it on a folder of its own camera frames.
+Models trained with frozen batch norm are converted to ordinary batch norm for the pass and back afterwards,
+so the checkpoint keeps its mode; a model without batch norm (VGG-16) is refused.
+"""
+from __future__ import annotations
+
+import os
+import random
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models import FrozenBatchNorm2d, read_checkpoint, save_checkpoint, set_batchnorm_mode
+from ..models.checkpoint import load_model
+from .batchnorm import recompute_batchnorm
+
+
+class FrameFolder(torch.utils.data.Dataset):
+    """Image files as {"image": float RGB [3, H, W] in [0, 1]}, resized to ``size`` = (W, H); unreadable files
+    become the data sets' unreadable markers (skipped and counted, never replaced)."""
+
+    def __init__(self, paths: Sequence[str], size: Optional[Tuple[int, int]]):
+        self.paths, self.size = list(paths), size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict:
+        from PIL import Image
+
+        from ..data.datasets import unreadable
+
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                rgb = im.convert("RGB")
+                if self.size is not None and rgb.size != tuple(self.size):
+                    rgb = rgb.resize(tuple(self.size), Image.BILINEAR)
+                array = np.asarray(rgb, dtype=np.float32) / 255.0
+        except (OSError, ValueError, SyntaxError) as exc:
+            return unreadable(path, f"{path}: {exc}")
+        return {"image": torch.from_numpy(array).permute(2, 0, 1).contiguous(), "name": path}
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)) for m in model.modules())
+
+
+def adapt_batchnorm(checkpoint: str, frames: Sequence[str], out: str, *, max_frames: int = 500,
+                    size: Optional[Tuple[int, int]] = None, batch_size: int = 4, seed: int = 0,
+                    device: str = "cpu", progress: bool = True) -> dict:
+    """Write ``out``: ``checkpoint`` with every batch norm's running statistics re-estimated on ``frames``
+    (at most ``max_frames``, a fixed random subset; brought to ``size`` or the model's training size).
+
+    Returns a summary (frames used, unreadable ones, batch-norm layers, mode). Batches must hold more than one
+    frame for the statistics to mean anything: ``batch_size`` >= 2.
+    """
+    if batch_size < 2:
+        raise ValueError(f"batch_size must be >= 2 (batch statistics of one frame are its own), got {batch_size}")
+    if not frames:
+        raise ValueError("adapt-bn needs target frames; none were given")
+    model = load_model(checkpoint)
+    if not has_batchnorm(model):
+        raise ValueError(f"{checkpoint}: {model.info.arch} has no batch norm layers, so there are no statistics "
+                         "to re-estimate (AdaBN applies to ResNet, Lite0 and the small model, not to VGG-16)")
+    chosen: List[str] = list(frames)
+    if len(chosen) > max_frames:
+        chosen = sorted(random.Random(seed).sample(chosen, max_frames))
+    size = tuple(size) if size else model.info.train_size
+    if size is None:  # frames of different sizes cannot share a batch: the first frame's size for all
+        from PIL import Image
+
+        try:
+            with Image.open(chosen[0]) as im:
+                size = im.size
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"{chosen[0]}: cannot be read ({exc}); give the frame size (--size WxH)") from None
+    frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
+    if frozen:
+        model = set_batchnorm_mode(model, "train")
+    dataset = FrameFolder(chosen, size)
+    model.to(device)
+    batches = recompute_batchnorm(model, dataset, device=device, batch_size=min(batch_size, len(chosen)),
+                                  progress=progress)
+    if batches == 0:
+        raise ValueError(f"none of the {len(chosen)} frames could be read (e.g. {chosen[0]})")
+    if frozen:
+        model = set_batchnorm_mode(model, "frozen")
+    layers = sum(isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)) for m in model.modules())
+    source = read_checkpoint(checkpoint)
+    keep = source if isinstance(source, dict) and source.get("format") == "sdca-checkpoint" else {}
+    summary = {"frames": len(chosen), "batches": batches, "layers": layers, "batchnorm": model.info.bn,
+               "size": list(size) if size else None, "source_checkpoint": os.path.abspath(checkpoint)}
+    # The semantic statistics (if any) describe the source features and stay; training state does not carry over.
+    save_checkpoint(out, model.cpu().eval(), config=keep.get("config"), statistics=keep.get("statistics"),
+                    extra=dict(keep.get("extra") or {}, stage="adapt-bn", adapt_bn=summary))
+    return summary
