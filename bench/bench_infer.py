@@ -1,12 +1,13 @@
 """Inference speed, measured side by side in one run at 1024x512 (random weights are fine for speed).
 
-    python bench/bench_infer.py                 # CPU: the demo model and ResNet-101
+    python bench/bench_infer.py                 # CPU: the demo model, EfficientNet-Lite0 and ResNet-101
     python bench/bench_infer.py --device cuda   # GPU: PyTorch on CUDA vs the ONNX Runtime CUDA provider
 
 For each model, from the same preprocessed batch to a label map: PyTorch eager (model, upsampling, argmax) vs
 ONNX Runtime on the model exported with the in-graph argmax (target >= 1.2x on the CPU); and `sdca infer` end
 to end over a folder of PNG frames (decode, preprocess, infer, colour PNG encode, overlapped) vs that bare
-session (target >= 85%: I/O hidden behind compute).
+session (target >= 85%: I/O hidden behind compute). Lite0 vs ResNet-101: ONNX Runtime frames/s of the two in
+this run (target: Lite0 >= 5x).
 """
 from __future__ import annotations
 
@@ -74,16 +75,19 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args(argv)
-    plans = [("deeplabv2_small", 24, 4), ("deeplabv2_resnet101", 4, 1)]
+    plans = [("deeplabv2_small", 24, 4), ("deeplabv2_lite0", 12, 2), ("deeplabv2_resnet101", 4, 1)]
     print(f"device: {args.device}, input 1024x512, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    results = {}
     for arch, frames, batch in plans:
-        r = bench_model(arch, args.device, frames, args.repeat, batch)
+        r = results[arch] = bench_model(arch, args.device, frames, args.repeat, batch)
         speed = r["ort_fps"] / r["eager_fps"]
         hidden = r["end_to_end_fps"] / r["ort_fps"]
         print(f"{arch:<20} eager {r['eager_fps']:7.2f} fps | onnxruntime {r['ort_fps']:7.2f} fps "
               f"({speed:.2f}x eager; target >= 1.2x: {'met' if speed >= 1.2 else 'NOT met'}) | sdca infer "
               f"end to end {r['end_to_end_fps']:7.2f} fps = {100 * hidden:.0f}% of the bare session "
               f"(target >= 85%: {'met' if hidden >= 0.85 else 'NOT met'}) [{', '.join(r['providers'])}]")
+    ratio = results["deeplabv2_lite0"]["ort_fps"] / results["deeplabv2_resnet101"]["ort_fps"]
+    print(f"Lite0 / ResNet-101, onnxruntime frames/s: {ratio:.1f}x (target >= 5x: {'met' if ratio >= 5 else 'NOT met'})")
     return 0
 
 

@@ -609,3 +609,84 @@ def adapt_bn(checkpoint, targets, out, max_frames, size, batch_size, device, qui
         raise click.ClickException(str(exc)) from None
     click.echo(f"sdca: re-estimated {summary['layers']} batch-norm layers on {summary['frames']} frames "
                f"({summary['batches']} batches) -> {out}")
+
+
+def _inspect_data(spec: str, hint: str, num_classes: int, size, default_size):
+    """CONFIG:ENTRY (a preset or YAML file and source | target | val) -> that data set at the config's size;
+    a folder or glob of images -> unlabelled frames at ``size`` or the model's training size."""
+    from .data import ImageFolder, build_transform
+    from .engine import ConfigError, load_config
+    from .engine.builders import build_dataset
+
+    found = _frames_of(spec, hint)
+    if isinstance(found, list):  # CONFIG:ENTRY
+        config, _, entry = spec.rpartition(":")
+        cfg = load_config(config)
+        ds_cfg = getattr(cfg.data, entry)
+        size = size or (cfg.data.source_size if entry == "source" else cfg.data.target_size)
+        try:
+            return build_dataset(ds_cfg, num_classes, build_transform(size=size), progress=True)
+        except (ConfigError, FileNotFoundError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint=hint) from None
+    from .deploy.quantize import find_frames
+
+    try:
+        frames = find_frames(found, "frames")
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in frames])
+    folder = ImageFolder(root, transform=build_transform(size=size or default_size))
+    folder.names = [os.path.relpath(os.path.abspath(f), root) for f in frames]  # a glob: only its matches
+    return folder
+
+
+@main.command(short_help="Is adaptation working? Class shares, masks, alignment, feature map of a checkpoint.")
+@click.argument("checkpoint", type=click.Path(dir_okay=False))
+@click.option("--source", "source_spec", required=True, metavar="CONFIG:ENTRY",
+              help="Labelled source frames: a preset or YAML file and its data entry, e.g. my.yaml:source.")
+@click.option("--target", "target_spec", required=True, metavar="CONFIG:ENTRY|DIR|GLOB",
+              help="Target frames: a data entry (e.g. my.yaml:val, labelled) or a folder / glob of images.")
+@click.option("--target-labels", is_flag=True,
+              help="Use the target entry's labels: precision / recall of the Eq. 5 mask and Eq. 19 pseudo-labels, "
+                   "confusion matrix.")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Output folder [default: inspect/ beside the checkpoint].")
+@click.option("--frames", default=50, show_default=True, type=click.IntRange(1),
+              help="Frames of each domain (a fixed random subset).")
+@click.option("--size", callback=_parse_size, metavar="WxH", help="Frame size for both domains (default: the "
+              "config's source/target sizes, or the model's training size for folders).")
+@click.option("--map", "feature_map", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
+              help="2-D map of sampled pixel features: PCA (fast, deterministic) or t-SNE (scikit-learn).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def inspect(checkpoint, source_spec, target_spec, target_labels, out, frames, size, feature_map, device, quiet):
+    """Diagnostics a user can read without target labels: per class, the target's predicted share vs the
+    source label share (KL), confidence, entropy and the share passing the Eq. 5 mask and Eq. 19 thresholds;
+    the distance of target features to the checkpoint's source Gaussians beside the source's own, and PDD;
+    a 2-D feature map of both domains. With --target-labels: mask precision / recall and the confusion matrix.
+    Writes OUT/inspect.json, OUT/inspect.md and PNG figures."""
+    from .device import resolve_device
+    from .engine.inspect import InspectError, inspect_checkpoint
+    from .models import read_checkpoint
+    from .models.deeplab import ModelInfo
+
+    if not os.path.isfile(checkpoint):
+        raise click.BadParameter(f"{checkpoint} does not exist", param_hint="CHECKPOINT")
+    try:
+        ckpt = read_checkpoint(checkpoint)
+        info = ModelInfo.from_dict(ckpt["model"]["info"]) if ckpt.get("format") == "sdca-checkpoint" else None
+    except (ValueError, KeyError) as exc:
+        raise click.BadParameter(str(exc), param_hint="CHECKPOINT") from None
+    num_classes = info.num_classes if info else 19
+    default_size = info.train_size if info else None
+    source = _inspect_data(source_spec, "--source", num_classes, size, default_size)
+    target = _inspect_data(target_spec, "--target", num_classes, size, default_size)
+    out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "inspect")
+    try:
+        result = inspect_checkpoint(checkpoint, source, target, out, target_labels=target_labels, frames=frames,
+                                    device=str(resolve_device(device)), feature_map=feature_map, progress=not quiet)
+    except InspectError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"sdca: KL(target predicted || source labels) = {result['kl_target_predicted_vs_source_labels']:.3f}"
+               + (f"; skipped: {'; '.join(result['skipped'])}" if result["skipped"] else ""))
+    click.echo(f"sdca: inspect report: {os.path.join(out, 'inspect.md')}")

@@ -113,7 +113,8 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, seed: int = 0, 
                           outputs=("color", "overlay"), progress=False)
     plot_curves(os.path.join(out_dir, "metrics.jsonl"), os.path.join(out_dir, "curves.png"))
     _grid(models, test, os.path.join(out_dir, "qualitative.png"))
-    report = _report(cfg, results, export, infer, quick, time.time() - start, GENERATOR_VERSION)
+    inspected = inspect_pair(runner, cfg, out_dir, frames=12 if quick else 40, progress=progress)
+    report = _report(cfg, results, export, infer, quick, time.time() - start, GENERATOR_VERSION, inspected)
     path = os.path.join(out_dir, "report.md")
     from .._atomic import atomic_write_text
 
@@ -122,7 +123,27 @@ def run_demo(out_dir: str = "runs/demo", *, quick: bool = False, seed: int = 0, 
     return path
 
 
-def _report(cfg, results, export, infer, quick, seconds, version) -> str:
+INSPECTED = {"source-only": "init-stats", "SDCA (adapt)": "adapt"}  # init-stats: the source weights + statistics
+
+
+def inspect_pair(runner, cfg, out_dir: str, frames: int, progress: bool = False) -> dict:
+    """`sdca inspect` on the source-only model and the adapted one: source frames vs the labelled test split.
+    Returns {title: inspect result} (written under out_dir/inspect/<stage>/)."""
+    from ..data import build_transform
+    from .builders import build_dataset
+    from .inspect import inspect_checkpoint
+
+    results = {}
+    for title, stage in INSPECTED.items():
+        source = build_dataset(cfg.data.source, 19, build_transform(size=cfg.data.source_size))
+        target = build_dataset(cfg.data.val, 19, build_transform(size=cfg.data.target_size))
+        results[title] = inspect_checkpoint(runner.final_path(stage), source, target,
+                                            os.path.join(out_dir, "inspect", stage), target_labels=True,
+                                            frames=frames, progress=progress, title=title)
+    return results
+
+
+def _report(cfg, results, export, infer, quick, seconds, version, inspected=None) -> str:
     names = list(next(iter(results.values()))["IoU"])
     lines = [f"# sdca demo{' (--quick)' if quick else ''}", "",
              f"SynthDrive {version} (sim -> real), model {cfg.model.arch} (width {cfg.model.width}, from scratch), "
@@ -151,6 +172,13 @@ def _report(cfg, results, export, infer, quick, seconds, version) -> str:
                           f"{100 * p['label_agreement']:.2f}%" for p in parity) + ".",
               f"`sdca infer` on {infer['frames']} target frames: {infer['frames_per_s']} frames/s "
               f"({infer['backend']}), outputs in `infer/`.", ""]
+    if inspected:
+        from .inspect import compare_markdown
+
+        lines += ["## Is adaptation working? `sdca inspect`, source-only vs adapted", "",
+                  "Source frames vs the labelled test split (its labels give the precisions); full reports in "
+                  "`inspect/init-stats/inspect.md` and `inspect/adapt/inspect.md`.", ""]
+        lines += compare_markdown(inspected, {t: f"inspect/{s}" for t, s in INSPECTED.items()}) + [""]
     return "\n".join(lines)
 
 

@@ -241,6 +241,30 @@ class Experiment:
         self.init_stats(seed, "paper")
         self.init_stats(seed, "public")
 
+    def row_checkpoint(self, row: str, seed: int, choice: dict) -> str:
+        """The checkpoint a row's result came from; source-only's init-stats twin (same weights, plus the source
+        statistics the alignment diagnostics need)."""
+        if row == "source":
+            return self.init_stats(seed, "paper")
+        return self.result(self.row_key(row, seed, choice))["checkpoint"]
+
+    def inspect_row(self, row: str, choice: dict, frames: int = 40) -> Optional[dict]:
+        """`sdca inspect` of a row's seed-0 model: source frames vs the labelled validation split."""
+        from ..data import build_transform
+        from .builders import build_dataset
+        from .inspect import inspect_checkpoint
+
+        if self.result(self.row_key(row, 0, choice)) is None:
+            return None
+        folder = os.path.join(self.out_dir, "inspect", row)
+        if os.path.isfile(os.path.join(folder, "inspect.json")):
+            return json.load(open(os.path.join(folder, "inspect.json")))
+        cfg = self._cfg(f"s0_{row}", 0)
+        source = build_dataset(cfg.data.source, 19, build_transform(size=cfg.data.source_size))
+        target = build_dataset(cfg.data.val, 19, build_transform(size=cfg.data.target_size))
+        return inspect_checkpoint(self.row_checkpoint(row, 0, choice), source, target, folder, target_labels=True,
+                                  frames=12 if self.quick else frames, progress=self.progress, title=row)
+
     def row_key(self, row: str, seed: int, choice: dict) -> str:
         """Result key of a row; adapted rows carry their setting, so a changed choice never reuses stale runs."""
         if row in ("source", "oracle", "adabn", "st_source"):
@@ -298,6 +322,8 @@ def run_experiment(out_dir: str = "runs/experiment", *, seeds: Sequence[int] = (
     log(f"experiment: chosen on validation: {choice}; adapted rows for every seed")
     parallel([("adapted", (row, s, choice)) for s in seeds for row in ("control", "sdca_paper", "sdca_public")])
     parallel([("adapted", ("sdca_st", s, choice)) for s in seeds])
+    log("experiment: sdca inspect on the seed-0 model of each row")
+    parallel([("inspect_row", (row, choice)) for row, _, _ in ROWS])
     path = write_report(exp, seeds, choice)
     log(f"experiment: done in {time.time() - start:.0f} s: {path}")
     return path
@@ -373,12 +399,25 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
                          f"{100 * (r['val']['mIoU'] or 0):.1f} |")
     if len(WARMUP_BN[exp.model]) > 1:
         lines += ["", "## Warm-up batch norm (seed 0, source-only, validation split)", "",
-                  "| batch norm in the warm-up | val mIoU | test mIoU |", "| --- | ---: | ---: |"]
+                  "| batch norm in the warm-up | val mIoU | test mIoU | note |", "| --- | ---: | ---: | --- |"]
         for bn in WARMUP_BN[exp.model]:
             r = exp.warmup(bn)
             lines.append(f"| {bn} (lr {r.get('lr', p.get('lr', ''))}) | {100 * (r['val']['mIoU'] or 0):.1f} | "
-                         f"{100 * (r['test']['mIoU'] or 0):.1f} |" + (" diverged |" if r.get("diverged") else ""))
+                         f"{100 * (r['test']['mIoU'] or 0):.1f} | "
+                         + (f"diverged: {r['diverged']} |" if r.get("diverged") else " |"))
     lines += _diagnostics(exp, seeds, choice)
+    lines += _inspected(exp, choice)
+    if table:
+        try:
+            from .plots import per_class_bars
+
+            rows = list(table.values())
+            names = [n for n in rows[0]["IoU"] if any(v is not None for r in rows for v in r["IoU"][n])]
+            per_class_bars(names, {r["label"]: [_mean_iou(r["IoU"][n]) for n in names] for r in rows},
+                           os.path.join(exp.out_dir, "per_class.png"), "test IoU per class, mean over seeds")
+            lines += ["", "![per-class test IoU](per_class.png)"]
+        except ImportError as exc:
+            lines += ["", f"(per-class figure skipped: {exc})"]
     path = os.path.join(exp.out_dir, "report.md")
     atomic_write_text(path, "\n".join(lines) + "\n")
     atomic_write_text(os.path.join(exp.out_dir, "summary.json"),
@@ -416,3 +455,26 @@ def _diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List[st
             "pass the Eq. 5 mask.", "",
             "| row | seed | L_feat share | L_out share | Lovász share | confident | L_feat first -> last |",
             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"] + rows
+
+
+def _mean_iou(values) -> Optional[float]:
+    kept = [v for v in values if v is not None]
+    return 100 * sum(kept) / len(kept) if kept else None
+
+
+def _inspected(exp: Experiment, choice: dict) -> List[str]:
+    """The seed-0 models of every row side by side, as `sdca inspect` measured them (validation split)."""
+    from .inspect import compare_markdown
+
+    results = {}
+    for row, label, _ in ROWS:
+        path = os.path.join(exp.out_dir, "inspect", row, "inspect.json")
+        if os.path.isfile(path):
+            results[row] = json.load(open(path))
+    if not results:
+        return []
+    return ["", "## `sdca inspect` on the seed-0 models (source frames vs the labelled validation split)", "",
+            "Rows whose checkpoint holds no semantic statistics (oracle, AdaBN, self-trained models) have no "
+            "alignment figures; source-only is inspected through its init-stats checkpoint (same weights). "
+            "Full reports: `inspect/<row>/inspect.md`.", ""] + compare_markdown(
+        results, {row: f"inspect/{row}" for row in results})

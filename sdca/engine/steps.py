@@ -122,7 +122,8 @@ class AdaptStep(StepBase):
         self._first_prediction_share: Optional[torch.Tensor] = None
 
     def diagnostics(self, terms: Dict[str, torch.Tensor], features: List[torch.Tensor],
-                    t_logits: torch.Tensor, t_labels: torch.Tensor) -> Dict[str, float]:
+                    t_logits: torch.Tensor, t_labels: torch.Tensor,
+                    t_truth: Optional[torch.Tensor] = None) -> Dict[str, float]:
         """How hard each weighted loss term pulls on the backbone's feature maps, and cheap target signals.
 
         ``gradnorm_<term>`` = || d(lambda * term) / d(features of both domains) ||: every term reaches the
@@ -130,7 +131,10 @@ class AdaptStep(StepBase):
         compare; ``gradshare_<term>`` is the ratio to CE's. A term whose share sits near 0 changes nothing the
         backbone learns, whatever its loss value. Target side: the share of target pixels predicted as each
         class that pass the Eq. 5 mask (``confident_<k>``), and the total-variation distance of the target
-        prediction shares from this stage's first measurement (``prediction_drift``).
+        prediction shares from this stage's first measurement (``prediction_drift``). When the target data set
+        carries labels (configured for monitoring only: no loss reads them), the precision of the mask: of the
+        target pixels it keeps, the share whose label is the class it gives (``mask_precision`` overall and
+        ``mask_precision_<k>`` per class).
         """
         m = self.method
         weights = {"ce": 1.0, "lovasz": m.lambda_lov, "feat": m.lambda_feat, "out": m.lambda_out}
@@ -157,6 +161,16 @@ class AdaptStep(StepBase):
             if self._first_prediction_share is None:
                 self._first_prediction_share = share
             out["prediction_drift"] = float(0.5 * (share - self._first_prediction_share).abs().sum())
+            if t_truth is not None:
+                truth = downsample_labels(t_truth.to(t_labels.device), t_logits.shape[-2:]).reshape(-1)
+                kept = (t_labels.reshape(-1) != IGNORE) & (truth != IGNORE)
+                mask = t_labels.reshape(-1)[kept]
+                right = torch.bincount(mask[mask == truth[kept]], minlength=k).cpu()
+                total = torch.bincount(mask, minlength=k).cpu()
+                if int(total.sum()):
+                    out["mask_precision"] = float(right.sum()) / float(total.sum())
+                for c in torch.nonzero(total).flatten().tolist():
+                    out[f"mask_precision_{c}"] = float(right[c]) / float(total[c])
         return out
 
     def _stat_rows(self, rows: torch.Tensor) -> torch.Tensor:
@@ -193,7 +207,8 @@ class AdaptStep(StepBase):
         check_finite(terms, iteration)
         extra = {}
         if self.diagnostics_period and iteration % self.diagnostics_period == 0:
-            extra = self.diagnostics(terms, [s_out.features, t_out.features], t_out.logits, t_labels)
+            extra = self.diagnostics(terms, [s_out.features, t_out.features], t_out.logits, t_labels,
+                                     tgt.get("label"))
         total = (terms["loss_ce"] + m.lambda_lov * terms.get("loss_lovasz", 0.0)
                  + m.lambda_feat * terms["loss_feat"] + m.lambda_out * terms.get("loss_out", 0.0))
         self.update(total)

@@ -34,3 +34,10 @@ def test_demo_quick_writes_a_complete_report(tmp_path):
     assert grid.size == (5 * 256, 4 * 128)  # input, ground truth, three models; four frames
     with Image.open(out / "curves.png") as curves:  # matplotlib: losses, and the adaptation gradient shares
         assert curves.format == "PNG" and curves.size == (990, 704)
+    # `sdca inspect` on the source-only and adapted models, side by side in the report.
+    assert "## Is adaptation working?" in report and "Mahalanobis gap" in report
+    for stage in ("init-stats", "adapt"):
+        inspected = json.loads((out / "inspect" / stage / "inspect.json").read_text())
+        assert inspected["frames"] == {"source": 12, "target": 12} and "alignment" in inspected
+        assert "with_labels" in inspected and not inspected["skipped"]
+        assert f"inspect/{stage}/classes.png" in report

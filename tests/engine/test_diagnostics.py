@@ -73,3 +73,27 @@ def test_adaptation_logs_the_diagnostics_every_log_period(tiny_data):
         assert 0.0 <= r["prediction_drift"] <= 1.0
         assert all(0.0 <= v <= 1.0 for k, v in r.items() if k.startswith("confident_"))
     assert adapt[0]["prediction_drift"] == 0.0  # measured against the stage's first prediction shares
+
+
+def test_mask_precision_against_a_brute_force_when_target_labels_are_given():
+    """Target labels (for monitoring) give the precision of the Eq. 5 mask: counted here pixel by pixel."""
+    import numpy as np
+
+    from sdca.method import downsample_labels, target_mask
+
+    model, src, step = setup(lambda_feat=0.1)
+    gen = torch.Generator().manual_seed(5)
+    truth = torch.randint(19, (2, 32, 64), generator=gen)
+    truth[:, :4] = 255
+    step.target = Same({"image": step.target.batch["image"], "label": truth})
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        t_logits = ref(ref.info.normalization(step.target.batch["image"])).logits
+    got = step.run_step(0)
+    mask = target_mask(t_logits.float(), 0.0).reshape(-1).numpy()
+    small = downsample_labels(truth, t_logits.shape[-2:]).reshape(-1).numpy()
+    kept = (mask != 255) & (small != 255)
+    assert got["mask_precision"] == pytest.approx((mask[kept] == small[kept]).mean(), rel=1e-12)
+    for c in np.unique(mask[kept]):
+        sel = kept & (mask == c)
+        assert got[f"mask_precision_{c}"] == pytest.approx((small[sel] == c).mean(), rel=1e-12)

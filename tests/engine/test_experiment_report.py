@@ -39,3 +39,31 @@ def test_missing_seeds_leave_a_row_out(tmp_path):
         exp._save(f"s{seed}_source", {"val": {"mIoU": 0.2, "IoU": {}}, "test": {"mIoU": 0.2, "IoU": {}}})
     write_report(exp, [0, 1, 2], {"bn": "train", "lam": 0.1, "tau": 0.5})
     assert json.loads((tmp_path / "experiment" / "summary.json").read_text())["rows"] == {}
+
+
+def test_lite0_report_warmup_choice_diagnostics_and_figure(tmp_path):
+    from PIL import Image
+
+    exp = Experiment(str(tmp_path / "experiment"), quick=True, model="lite0")
+    choice = {"bn": "train", "lam": 0.1, "tau": 0.5}
+    ok = {"val": {"mIoU": 0.2, "IoU": {"road": 0.5, "car": 0.1}}, "test": {"mIoU": 0.25, "IoU": {"road": 0.5, "car": 0.1}}}
+    for row, _, _ in ROWS:
+        exp._save(exp.row_key(row, 0, choice), ok)
+    exp._save("s0_source", dict(ok, bn="train", lr=0.01))  # the warm-up candidate is seed 0's source-only
+    exp._save("s0_source_bn-frozen", {"val": {"mIoU": 0.0, "IoU": {}}, "test": {"mIoU": 0.0, "IoU": {}},
+                                      "diverged": "loss term loss_ce is inf", "bn": "frozen", "lr": 0.005})
+    assert exp.warmup_bn() == "train"  # chosen on validation mIoU
+    # An adaptation run's logged diagnostics: medians of the gradient shares, first and last L_feat.
+    run = tmp_path / "experiment" / exp.row_key("sdca_paper", 0, choice)
+    run.mkdir(parents=True)
+    records = [{"stage": "adapt", "step": i, "loss_ce": 1.0, "loss_feat": 5.0 - i, "gradshare_feat": share,
+                "gradshare_out": 0.01, "gradshare_lovasz": 0.3, "confident_0": 0.5, "confident_1": 0.7}
+               for i, share in enumerate([0.01, 0.03, 0.02])]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    text = open(write_report(exp, [0], choice)).read()
+    assert "384x192; deeplabv2_lite0" in text and "batch norm train in the warm-up" in text
+    assert "| frozen (lr 0.005) | 0.0 | 0.0 | diverged: loss term loss_ce is inf |" in text
+    assert "| train (lr 0.01) | 20.0 | 25.0 |  |" in text
+    assert "| sdca_paper | 0 | 2.00% | 1.00% | 30.0% | 60.0% | 5.000 -> 3.000 |" in text
+    with Image.open(tmp_path / "experiment" / "per_class.png") as im:
+        assert im.format == "PNG"

@@ -1,0 +1,137 @@
+"""`sdca inspect` on the tiny fabricated scenes: numbers against a brute force, report with and without target
+labels, valid figures, skipped diagnostics for a model without statistics, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from sdca.engine import Runner, load_config
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A source model (no statistics) and its init-stats checkpoint (with them), and a YAML config of the data."""
+    from tests.engine.conftest import write_tree
+
+    tmp = tmp_path_factory.mktemp("inspect")
+    mapping = tmp / "mapping.yaml"
+    mapping.write_text("label_space: cityscapes19\nids: {7: road, 11: building, 23: sky, 26: car}\n")
+    write_tree(str(tmp / "sim"), 6, 32, 64, real=False, seed=0)
+    write_tree(str(tmp / "realval"), 4, 32, 64, real=True, seed=2)
+    folder = lambda name: {"kind": "folder", "root": str(tmp / name / "images"),  # noqa: E731
+                           "labels": str(tmp / name / "labels"), "mapping": str(mapping)}
+    config = {"name": "tiny", "output_dir": str(tmp / "runs"), "device": "cpu", "seed": 3,
+              "model": {"arch": "deeplabv2_small", "num_classes": 19, "width": 8, "bn": "train"},
+              "data": {"source": folder("sim"), "target": {"kind": "images", "root": str(tmp / "realval" / "images")},
+                       "val": folder("realval"), "source_size": [64, 32], "target_size": [64, 32], "batch_size": 2,
+                       "workers": 0},
+              "solver": {"source": {"iters": 4, "lr": 0.01}, "checkpoint_period": 2, "log_period": 1},
+              "method": {"variant": "paper", "covariance": "full", "delta": 0.5}}
+    (tmp / "cfg.yaml").write_text(yaml.safe_dump({k: v for k, v in config.items() if k in ("model", "data")}))
+    runner = Runner(load_config(None, [], **config), progress=False)
+    runner.train(["source", "init-stats"])
+    return tmp, runner.final_path("source"), runner.final_path("init-stats")
+
+
+def _sdca(*args):
+    return subprocess.run([sys.executable, "-m", "sdca", *args], capture_output=True, text=True)
+
+
+def _valid_png(path):
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 100 and im.size[1] > 100
+
+
+def test_inspect_with_target_labels_against_brute_force(trained):
+    from sdca.data import build_transform
+    from sdca.engine.builders import build_dataset
+    from sdca.engine.inspect import inspect_checkpoint
+    from sdca.models import load_model, upsample_logits
+
+    tmp, _, stats_ckpt = trained
+    out = tmp / "out_labels"
+    run = _sdca("inspect", stats_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target", f"{tmp}/cfg.yaml:val",
+                "--target-labels", "--out", str(out), "--frames", "10", "--quiet", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    r = json.load(open(out / "inspect.json"))
+    assert r["frames"] == {"source": 6, "target": 4} and r["skipped"] == []
+    for name in ("classes", "alignment", "confusion", "features"):
+        _valid_png(out / r["figures"][name])
+    md = (out / "inspect.md").read_text()
+    assert "Eq.5 prec" in md and "Mahal. tgt" in md and "![features](features.png)" in md
+
+    # Brute force: predictions of the 4 labelled target frames one by one, with NumPy counting.
+    cfg = load_config(str(tmp / "cfg.yaml"))
+    val = build_dataset(cfg.data.val, 19, build_transform(size=(64, 32)))
+    model = load_model(stats_ckpt)
+    conf, pred, truth = [], [], []
+    with torch.no_grad():
+        for i in range(len(val)):
+            item = val[i]
+            logits = model(model.info.normalization(item["image"][None])).logits
+            p = torch.softmax(upsample_logits(logits, item["image"].shape[-2:]), 1)[0].numpy()
+            conf.append(p.max(0).ravel())
+            pred.append(p.argmax(0).ravel())
+            truth.append(item["label"].numpy().ravel())
+    conf, pred, truth = map(np.concatenate, (conf, pred, truth))
+    shares = np.bincount(pred, minlength=19) / pred.size
+    np.testing.assert_allclose(r["per_class"]["target_predicted_share"], shares, atol=1e-9)
+    pc, wl = r["per_class"], r["with_labels"]
+    for c in np.unique(pred):
+        sel = pred == c
+        assert pc["target_mean_confidence"][c] == pytest.approx(conf[sel].mean(), rel=1e-5)
+        assert pc["eq5_pass_share"][c] == pytest.approx((conf[sel] >= 0.5).mean(), rel=1e-9)
+        kept = sel & (conf >= 0.5) & (truth != 255)
+        if kept.any():
+            assert wl["eq5_precision"][c] == pytest.approx((truth[kept] == c).mean(), rel=1e-9)
+    valid = truth != 255
+    confusion = np.zeros((19, 19), dtype=np.int64)
+    np.add.at(confusion, (truth[valid], pred[valid]), 1)
+    assert np.array_equal(np.asarray(wl["confusion"]), confusion)
+    src_shares = np.asarray(r["per_class"]["source_label_share"])
+    assert src_shares.sum() == pytest.approx(1.0) and src_shares[[0, 2, 10, 13]].sum() == pytest.approx(1.0)
+
+
+def test_inspect_without_statistics_or_target_labels(trained):
+    tmp, source_ckpt, _ = trained
+    out = tmp / "out_plain"
+    run = _sdca("inspect", source_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target",
+                str(tmp / "realval" / "images"), "--out", str(out), "--frames", "3", "--quiet", "--device", "cpu")
+    assert run.returncode == 0, run.stderr
+    assert "skipped: alignment" in run.stdout
+    r = json.load(open(out / "inspect.json"))
+    assert r["frames"]["target"] == 3 and "alignment" not in r and "with_labels" not in r
+    assert any("PDD" in s for s in r["skipped"])
+    assert set(r["figures"]) == {"classes", "features"}
+    assert "Skipped:" in (out / "inspect.md").read_text()
+
+
+def test_inspect_bad_input(trained, tmp_path):
+    from sdca.models import build_model, save_checkpoint
+
+    tmp, source_ckpt, _ = trained
+    sixteen = tmp_path / "k16.pt"
+    save_checkpoint(str(sixteen), build_model("deeplabv2_small", 16, width=4))
+    run = _sdca("inspect", str(sixteen), "--source", f"{tmp}/cfg.yaml:source", "--target", f"{tmp}/cfg.yaml:val",
+                "--out", str(tmp_path / "o"))
+    assert run.returncode != 0 and "classes" in run.stderr and "predicts 16" in run.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    run = _sdca("inspect", source_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target", str(empty))
+    assert run.returncode == 2 and "--target" in run.stderr
+    run = _sdca("inspect", source_ckpt, "--source", str(tmp / "realval" / "images"), "--target", str(empty))
+    assert run.returncode != 0
+    run = _sdca("inspect", source_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target",
+                str(tmp / "realval" / "images"), "--target-labels", "--out", str(tmp_path / "o2"))
+    assert run.returncode == 1 and "no labels" in run.stderr
