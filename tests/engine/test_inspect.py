@@ -1,7 +1,6 @@
 """`sdca inspect` on the tiny fabricated scenes: numbers against a brute force, report with and without target
 labels, valid figures, skipped diagnostics for a model without statistics, bad input."""
 import json
-import os
 import subprocess
 import sys
 
@@ -56,7 +55,6 @@ def _valid_png(path):
 def test_inspect_with_target_labels_against_brute_force(trained):
     from sdca.data import build_transform
     from sdca.engine.builders import build_dataset
-    from sdca.engine.inspect import inspect_checkpoint
     from sdca.models import load_model, upsample_logits
 
     tmp, _, stats_ckpt = trained
