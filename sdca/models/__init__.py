@@ -2,6 +2,7 @@
 from .checkpoint import atomic_save, load_model, read_checkpoint, save_checkpoint
 from .deeplab import (CAFFE_BGR, IMAGENET, ASPPClassifier, DeepLabV2, ModelInfo, Normalization, SegmentationOutput,
                       upsample_logits)
+from .efficientnet import EfficientNetLite0, efficientnet_lite0
 from .layers import FrozenBatchNorm2d, set_batchnorm_mode
 from .registry import ARCHS, build_model, model_from_info
 from .public import import_public_checkpoint
@@ -11,5 +12,5 @@ __all__ = [
     "build_model", "load_model", "save_checkpoint", "read_checkpoint", "atomic_save", "model_from_info", "ARCHS",
     "DeepLabV2", "ASPPClassifier", "SegmentationOutput", "ModelInfo", "Normalization", "IMAGENET", "CAFFE_BGR",
     "upsample_logits", "FrozenBatchNorm2d", "set_batchnorm_mode", "LoadReport", "import_public_checkpoint",
-    "load_torchvision_weights",
+    "load_torchvision_weights", "efficientnet_lite0", "EfficientNetLite0",
 ]
