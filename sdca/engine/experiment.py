@@ -433,7 +433,11 @@ def _diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List[st
     rows = []
     for row in ("control", "sdca_paper", "sdca_public"):
         for seed in seeds:
-            path = os.path.join(exp.out_dir, exp.row_key(row, seed, choice), "metrics.jsonl")
+            result = exp.result(exp.row_key(row, seed, choice))
+            if result is None or "checkpoint" not in result:
+                continue
+            # The run folder of the checkpoint (seed 0's paper row reuses its sweep point's run).
+            path = os.path.join(os.path.dirname(os.path.dirname(result["checkpoint"])), "metrics.jsonl")
             if not os.path.isfile(path):
                 continue
             records = [json.loads(line) for line in open(path) if line.strip()]

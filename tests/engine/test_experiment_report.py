@@ -48,7 +48,8 @@ def test_lite0_report_warmup_choice_diagnostics_and_figure(tmp_path):
     choice = {"bn": "train", "lam": 0.1, "tau": 0.5}
     ok = {"val": {"mIoU": 0.2, "IoU": {"road": 0.5, "car": 0.1}}, "test": {"mIoU": 0.25, "IoU": {"road": 0.5, "car": 0.1}}}
     for row, _, _ in ROWS:
-        exp._save(exp.row_key(row, 0, choice), ok)
+        key = exp.row_key(row, 0, choice)
+        exp._save(key, dict(ok, checkpoint=str(tmp_path / "experiment" / key / "adapt" / "final.pt")))
     exp._save("s0_source", dict(ok, bn="train", lr=0.01))  # the warm-up candidate is seed 0's source-only
     exp._save("s0_source_bn-frozen", {"val": {"mIoU": 0.0, "IoU": {}}, "test": {"mIoU": 0.0, "IoU": {}},
                                       "diverged": "loss term loss_ce is inf", "bn": "frozen", "lr": 0.005})
