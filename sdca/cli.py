@@ -563,9 +563,6 @@ def infer(inputs, model, out, backend, device, providers, batch, size, workers, 
         sys.exit(2)
 
 
-if __name__ == "__main__":
-    main()
-
 
 @main.command("adapt-bn", short_help="Re-estimate batch-norm statistics on unlabelled target frames (AdaBN).")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
@@ -690,3 +687,7 @@ def inspect(checkpoint, source_spec, target_spec, target_labels, out, frames, si
     click.echo(f"sdca: KL(target predicted || source labels) = {result['kl_target_predicted_vs_source_labels']:.3f}"
                + (f"; skipped: {'; '.join(result['skipped'])}" if result["skipped"] else ""))
     click.echo(f"sdca: inspect report: {os.path.join(out, 'inspect.md')}")
+
+
+if __name__ == "__main__":
+    main()
