@@ -631,10 +631,7 @@ def _inspect_data(spec: str, hint: str, num_classes: int, size, default_size):
         frames = find_frames(found, "frames")
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint=hint) from None
-    root = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in frames])
-    folder = ImageFolder(root, transform=build_transform(size=size or default_size))
-    folder.names = [os.path.relpath(os.path.abspath(f), root) for f in frames]  # a glob: only its matches
-    return folder
+    return ImageFolder.from_files(frames, transform=build_transform(size=size or default_size))
 
 
 @main.command(short_help="Is adaptation working? Class shares, masks, alignment, feature map of a checkpoint.")
@@ -681,7 +678,8 @@ def inspect(checkpoint, source_spec, target_spec, target_labels, out, frames, si
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "inspect")
     try:
         result = inspect_checkpoint(checkpoint, source, target, out, target_labels=target_labels, frames=frames,
-                                    device=str(resolve_device(device)), feature_map=feature_map, progress=not quiet)
+                                    device=str(resolve_device(device)), feature_map=feature_map, progress=not quiet,
+                                    ckpt=ckpt)
     except InspectError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"sdca: KL(target predicted || source labels) = {result['kl_target_predicted_vs_source_labels']:.3f}"

@@ -328,6 +328,21 @@ class ImageFolder(Dataset):
         self.on_error = on_error
         self.failures: List[Tuple[str, str]] = []
 
+    @classmethod
+    def from_files(cls, paths: Sequence[str], *, transform=None, on_error: str = "skip") -> "ImageFolder":
+        """Exactly these image files (a glob's matches, a list), named relative to their common folder; that
+        folder is not searched for others."""
+        if not paths:
+            raise FileNotFoundError("no image files given")
+        files = [os.path.abspath(p) for p in paths]
+        folder = cls.__new__(cls)
+        folder.root = os.path.commonpath([os.path.dirname(f) for f in files])
+        folder.names = [os.path.relpath(f, folder.root) for f in files]
+        folder.transform = transform or ToTensor()
+        folder.on_error = _check_on_error(on_error)
+        folder.failures = []
+        return folder
+
     def __len__(self) -> int:
         return len(self.names)
 

@@ -11,44 +11,20 @@ import os
 import random
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
-import torch
 from torch import nn
 
+from ..data import ImageFolder, build_transform
 from ..models import FrozenBatchNorm2d, read_checkpoint, save_checkpoint, set_batchnorm_mode
-from ..models.checkpoint import load_model
+from ..models.checkpoint import FORMAT, model_from_checkpoint
 from .batchnorm import recompute_batchnorm
 
 
-class FrameFolder(torch.utils.data.Dataset):
-    """Image files as {"image": float RGB [3, H, W] in [0, 1]}, resized to ``size`` = (W, H); unreadable files
-    become the data sets' unreadable markers (skipped and counted, never replaced)."""
-
-    def __init__(self, paths: Sequence[str], size: Optional[Tuple[int, int]]):
-        self.paths, self.size = list(paths), size
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> dict:
-        from PIL import Image
-
-        from ..data.datasets import unreadable
-
-        path = self.paths[i]
-        try:
-            with Image.open(path) as im:
-                rgb = im.convert("RGB")
-                if self.size is not None and rgb.size != tuple(self.size):
-                    rgb = rgb.resize(tuple(self.size), Image.BILINEAR)
-                array = np.asarray(rgb, dtype=np.float32) / 255.0
-        except (OSError, ValueError, SyntaxError) as exc:
-            return unreadable(path, f"{path}: {exc}")
-        return {"image": torch.from_numpy(array).permute(2, 0, 1).contiguous(), "name": path}
+# What holds running statistics: trainable batch norm and the frozen kind (statistics as buffers).
+_BATCHNORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)) for m in model.modules())
+    return any(isinstance(m, _BATCHNORMS) for m in model.modules())
 
 
 def adapt_batchnorm(checkpoint: str, frames: Sequence[str], out: str, *, max_frames: int = 500,
@@ -64,7 +40,8 @@ def adapt_batchnorm(checkpoint: str, frames: Sequence[str], out: str, *, max_fra
         raise ValueError(f"batch_size must be >= 2 (batch statistics of one frame are its own), got {batch_size}")
     if not frames:
         raise ValueError("adapt-bn needs target frames; none were given")
-    model = load_model(checkpoint)
+    source = read_checkpoint(checkpoint)
+    model = model_from_checkpoint(source, checkpoint)
     if not has_batchnorm(model):
         raise ValueError(f"{checkpoint}: {model.info.arch} has no batch norm layers, so there are no statistics "
                          "to re-estimate (AdaBN applies to ResNet, Lite0 and the small model, not to VGG-16)")
@@ -83,7 +60,7 @@ def adapt_batchnorm(checkpoint: str, frames: Sequence[str], out: str, *, max_fra
     frozen = any(isinstance(m, FrozenBatchNorm2d) for m in model.modules())
     if frozen:
         model = set_batchnorm_mode(model, "train")
-    dataset = FrameFolder(chosen, size)
+    dataset = ImageFolder.from_files(chosen, transform=build_transform(size=size))
     model.to(device)
     batches = recompute_batchnorm(model, dataset, device=device, batch_size=min(batch_size, len(chosen)),
                                   progress=progress)
@@ -91,9 +68,8 @@ def adapt_batchnorm(checkpoint: str, frames: Sequence[str], out: str, *, max_fra
         raise ValueError(f"none of the {len(chosen)} frames could be read (e.g. {chosen[0]})")
     if frozen:
         model = set_batchnorm_mode(model, "frozen")
-    layers = sum(isinstance(m, (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)) for m in model.modules())
-    source = read_checkpoint(checkpoint)
-    keep = source if isinstance(source, dict) and source.get("format") == "sdca-checkpoint" else {}
+    layers = sum(isinstance(m, _BATCHNORMS) for m in model.modules())
+    keep = source if isinstance(source, dict) and source.get("format") == FORMAT else {}
     summary = {"frames": len(chosen), "batches": batches, "layers": layers, "batchnorm": model.info.bn,
                "size": list(size) if size else None, "source_checkpoint": os.path.abspath(checkpoint)}
     # The semantic statistics (if any) describe the source features and stay; training state does not carry over.

@@ -27,7 +27,7 @@ from ..method.diagnostics import (class_shares, entropy, gaussian_scores, kl_div
 from ..method.masks import class_median_thresholds
 from ..metrics import PixelDiscrimination
 from ..models import read_checkpoint, upsample_logits
-from ..models.checkpoint import load_model
+from ..models.checkpoint import model_from_checkpoint
 from .steps import pixel_rows, statistics_rows
 
 IGNORE = 255
@@ -39,10 +39,7 @@ class InspectError(ValueError):
 
 
 def _subset(dataset, frames: int, seed: int):
-    n = len(dataset)
-    if n == 0:
-        raise InspectError("the data set is empty")
-    order = np.random.default_rng(seed).permutation(n)[:frames]
+    order = np.random.default_rng(seed).permutation(len(dataset))[:frames]
     return torch.utils.data.Subset(dataset, sorted(order.tolist()))
 
 
@@ -89,17 +86,19 @@ def _nan_list(values) -> list:
 @torch.no_grad()
 def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_labels: bool = False,
                        frames: int = 50, device="cpu", feature_map: str = "pca",
-                       per_class: int = 100, seed: int = 0, progress: bool = True, title: Optional[str] = None) -> dict:
+                       per_class: int = 100, seed: int = 0, progress: bool = True, title: Optional[str] = None,
+                       ckpt: Optional[dict] = None) -> dict:
     """Write ``out_dir``/inspect.json, inspect.md and figures; returns the JSON's content.
 
     ``source``: a labelled data set (its labels give the source label shares and the source side of the
     alignment). ``target``: a data set of target frames; with ``target_labels`` its labels give precision,
-    recall and the confusion matrix. Both come with their transform (the size the model runs at).
+    recall and the confusion matrix. Both come with their transform (the size the model runs at). ``ckpt``:
+    the checkpoint already read (:func:`read_checkpoint`), so that a caller that read it is not made to again.
     """
     from tqdm.auto import tqdm
 
-    ckpt = read_checkpoint(checkpoint)
-    model = load_model(checkpoint, device=device)
+    ckpt = read_checkpoint(checkpoint) if ckpt is None else ckpt
+    model = model_from_checkpoint(ckpt, checkpoint).to(device).eval()
     k = model.num_classes
     names = model.info.class_names
     for which, ds in (("source", source), ("target", target)):
@@ -149,11 +148,11 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
         raise InspectError("no labelled source frame could be read")
 
     # --------------------------------------------------------------------------------- target: predictions
-    pred_counts = torch.zeros(k, dtype=torch.float64)
-    conf_sum, ent_sum, eq5 = (torch.zeros(k, dtype=torch.float64) for _ in range(3))
+    # Confidence and prediction of every pixel are kept (a bounded number of frames): the per-class figures and
+    # Eq. 19's medians are read off them at the end; entropy is summed as it comes.
+    ent_sum = torch.zeros(k, dtype=torch.float64)
     confidences, predictions, truths = [], [], []
     tgt_scores, tgt_pdd = _Scores(k), PixelDiscrimination(k)
-    confusion = torch.zeros(k, k, dtype=torch.int64)
     n_target = 0
     for batch in tqdm(loader(target), desc="inspect: target", disable=not progress):
         if not has_images(batch):
@@ -162,22 +161,13 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
         out = model(normalize(image))
         probs = torch.softmax(upsample_logits(out.logits.float(), image.shape[-2:]), dim=1)
         conf, pred = probs.max(1)
-        ent = entropy(probs)
-        pred_counts += torch.bincount(pred.reshape(-1).cpu(), minlength=k).double()
-        conf_sum += torch.zeros(k, dtype=torch.float64).index_add_(0, pred.reshape(-1).cpu(),
-                                                                   conf.reshape(-1).double().cpu())
-        ent_sum += torch.zeros(k, dtype=torch.float64).index_add_(0, pred.reshape(-1).cpu(), ent.reshape(-1).cpu())
-        eq5 += torch.bincount(pred[conf >= delta].cpu(), minlength=k).double()
         confidences.append(conf.reshape(-1).cpu())
         predictions.append(pred.reshape(-1).cpu())
+        ent_sum.index_add_(0, predictions[-1], entropy(probs).reshape(-1).cpu())
         small_pred = out.logits.argmax(1).reshape(-1)
         rows = statistics_rows(pixel_rows(out.features), variant)
         if target_labels and "label" in batch:
-            truth = batch["label"].reshape(-1)
-            truths.append(truth)
-            valid = truth != IGNORE
-            confusion += torch.bincount(truth[valid].long() * k + pred.reshape(-1).cpu()[valid],
-                                        minlength=k * k).reshape(k, k)
+            truths.append(batch["label"].reshape(-1))
         if stats is not None:
             tgt_scores.add(rows, small_pred, stats)
             # PDD by the labels where there are some, else by the prediction (the best the target offers).
@@ -190,6 +180,9 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
         raise InspectError("no target frame could be read")
 
     conf_all, pred_all = torch.cat(confidences), torch.cat(predictions)
+    pred_counts = torch.bincount(pred_all, minlength=k).double()
+    conf_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, pred_all, conf_all.double())
+    eq5 = torch.bincount(pred_all[conf_all >= delta], minlength=k).double()
     thresholds = class_median_thresholds(conf_all, pred_all, k, cap=cap)
     eq19 = torch.bincount(pred_all[conf_all >= thresholds.float()[pred_all]], minlength=k).double()
     src_share = src_counts / src_counts.sum()
@@ -219,6 +212,8 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
         result["alignment"]["mean_mahalanobis_gap"] = (float(np.mean([b - a for a, b in both])) if both else None)
     if target_labels and truths:
         truth_all = torch.cat(truths)
+        valid = truth_all != IGNORE
+        confusion = torch.bincount(truth_all[valid].long() * k + pred_all[valid], minlength=k * k).reshape(k, k)
         # Eq. 5 and Eq. 19 applied to the kept confidences (the rules of sdca.method.masks, on probabilities).
         eq5_labels = torch.where(conf_all >= delta, pred_all, torch.full_like(pred_all, IGNORE))
         eq19_labels = torch.where(conf_all >= thresholds.float()[pred_all], pred_all, torch.full_like(pred_all, IGNORE))

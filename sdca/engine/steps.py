@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..method import SemanticDistribution, downsample_labels, lovasz_softmax, sdca_loss, target_mask
+from ..method.diagnostics import masked_precision_recall
 from ..models import upsample_logits
 from .batchnorm import running_stats_untouched
 from .config import MethodConfig
@@ -162,15 +163,13 @@ class AdaptStep(StepBase):
                 self._first_prediction_share = share
             out["prediction_drift"] = float(0.5 * (share - self._first_prediction_share).abs().sum())
             if t_truth is not None:
-                truth = downsample_labels(t_truth.to(t_labels.device), t_logits.shape[-2:]).reshape(-1)
-                kept = (t_labels.reshape(-1) != IGNORE) & (truth != IGNORE)
-                mask = t_labels.reshape(-1)[kept]
-                right = torch.bincount(mask[mask == truth[kept]], minlength=k).cpu()
-                total = torch.bincount(mask, minlength=k).cpu()
-                if int(total.sum()):
-                    out["mask_precision"] = float(right.sum()) / float(total.sum())
-                for c in torch.nonzero(total).flatten().tolist():
-                    out[f"mask_precision_{c}"] = float(right[c]) / float(total[c])
+                truth = downsample_labels(t_truth.to(t_labels.device), t_logits.shape[-2:])
+                precision, _, kept = (v.cpu() for v in masked_precision_recall(t_labels, truth, k))
+                labelled = kept > 0
+                if labelled.any():
+                    out["mask_precision"] = float((precision[labelled] * kept[labelled]).sum() / kept.sum())
+                for c in torch.nonzero(labelled).flatten().tolist():
+                    out[f"mask_precision_{c}"] = float(precision[c])
         return out
 
     def _stat_rows(self, rows: torch.Tensor) -> torch.Tensor:

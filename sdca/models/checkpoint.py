@@ -52,7 +52,12 @@ def load_model(path: str, *, num_classes: Optional[int] = None, device="cpu") ->
     The model carries ``model.info`` (class names, palette, input normalisation, training size).
     ``num_classes``, when given, must match the checkpoint.
     """
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, num_classes=num_classes).to(device).eval()
+
+
+def model_from_checkpoint(ckpt, path: str, *, num_classes: Optional[int] = None) -> DeepLabV2:
+    """The model of a checkpoint already read (:func:`read_checkpoint`): for callers that also need its
+    statistics or config, so that the file is read once. ``path`` names it in errors."""
     if isinstance(ckpt, dict) and ckpt.get("format") == FORMAT:
         info = ModelInfo.from_dict(ckpt["model"]["info"])
         if num_classes is not None and info.num_classes != num_classes:
@@ -67,4 +72,4 @@ def load_model(path: str, *, num_classes: Optional[int] = None, device="cpu") ->
     else:
         kind = type(ckpt).__name__ if not isinstance(ckpt, dict) else f"dict with keys {sorted(ckpt)[:5]}"
         raise ValueError(f"{path}: neither an sdca checkpoint nor a public SDCA checkpoint ({kind})")
-    return model.to(device).eval()
+    return model

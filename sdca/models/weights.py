@@ -82,6 +82,9 @@ def load_torchvision_weights(model: DeepLabV2, path: str) -> LoadReport:
     Caffe-converted weights, RGB with ImageNet mean/std for torchvision's. Raises ValueError with the key-by-key
     report when anything else is missing, unexpected or of the wrong shape.
     """
+    if path == "imagenet":
+        raise ValueError(f"{model.info.arch}: its ImageNet weights do not ship with any package; give the path "
+                         "of the torchvision file (resnet101-*.pth, resnet50-*.pth, vgg16-*.pth)")
     state = _read(path)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
@@ -182,7 +185,4 @@ def load_backbone_weights(model: DeepLabV2, source: str) -> LoadReport:
     loader = BACKBONE_LOADERS.get(model.info.arch)
     if loader is None:
         raise ValueError(f"no ImageNet weights exist for {model.info.arch}; train it with --no-pretrained")
-    if source == "imagenet" and loader is not load_lite0_weights:
-        raise ValueError(f"{model.info.arch}: its ImageNet weights do not ship with any package; give the path "
-                         "of the torchvision file (resnet101-*.pth, resnet50-*.pth, vgg16-*.pth)")
     return loader(model, source)
