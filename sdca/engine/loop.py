@@ -44,6 +44,9 @@ class TrainLoop:
 
     ``step.run_step`` returns the loss terms of the iteration as floats. A stop requested by a signal ends
     the loop after the current step (the checkpoint hook saves first); ``stopped_by`` then names the signal.
+    The request is read once per step, before the after-step hooks, and only that reading ends the loop: a
+    signal landing while the hooks run (after the checkpointer has looked) would otherwise end the loop with
+    no checkpoint of the last step; it is honoured at the end of the next step instead.
     """
 
     def __init__(self, step, hooks: List[HookBase], max_iter: int, start_iter: int = 0):
@@ -64,14 +67,14 @@ class TrainLoop:
         for hook in self.hooks:
             hook.before_train()
         try:
-            while self.iter < self.max_iter and self.stop_requested is None:
+            while self.iter < self.max_iter and self.stopped_by is None:
                 for hook in self.hooks:
                     hook.before_step()
                 self.losses = self.step.run_step(self.iter)
                 self.iter += 1
+                self.stopped_by = self.stop_requested
                 for hook in self.hooks:
                     hook.after_step()
-            self.stopped_by = self.stop_requested
         except BaseException:
             self.failed = True
             raise
@@ -136,7 +139,7 @@ class Checkpointer(HookBase):
 
     def after_step(self):
         t = self.trainer
-        if self.enabled and (t.iter % self.period == 0 or t.stop_requested is not None or t.done):
+        if self.enabled and (t.iter % self.period == 0 or t.stopped_by is not None or t.done):
             self.save_fn(t.iter)
             self.last_saved = t.iter
 
@@ -175,7 +178,7 @@ class MetricsLogger(HookBase):
             self.sums[k] = self.sums.get(k, 0.0) + v
             self.counts[k] = self.counts.get(k, 0) + 1  # per key: diagnostics come only on some steps
         self.bar.update(1)
-        if t.iter % self.period == 0 or t.done or t.stop_requested:
+        if t.iter % self.period == 0 or t.done or t.stopped_by:
             means = {k: v / self.counts[k] for k, v in self.sums.items()}
             self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items() if k.startswith("loss_")})
             record = {"stage": self.stage, "step": t.iter, **means, "time": round(time.time() - self.start, 2)}
