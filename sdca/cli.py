@@ -165,7 +165,7 @@ def _dataset_options(f):
     return f
 
 
-def _build(kind, root, split, labels, mapping, city, list_file, num_classes, labelled=True):
+def _build(kind, root, split, labels, mapping, city, list_file, num_classes, labelled=True, size=None):
     from .data import build_transform
     from .engine.builders import build_dataset
     from .engine.config import DatasetConfig
@@ -174,7 +174,7 @@ def _build(kind, root, split, labels, mapping, city, list_file, num_classes, lab
     ds = DatasetConfig(kind=kind, root=root, split=split or default_split, labels=labels, mapping=mapping,
                        city=city, list_file=list_file, labelled=labelled)
     try:
-        return build_dataset(ds, num_classes, build_transform())
+        return build_dataset(ds, num_classes, build_transform(size=size))
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -634,12 +634,39 @@ def _inspect_data(spec: str, hint: str, num_classes: int, size, default_size):
     return ImageFolder.from_files(frames, transform=build_transform(size=size or default_size))
 
 
+INSPECT_SOURCE_KINDS = ("gta5", "synthia", "cityscapes", "crosscity")  # 'folder' needs labels and a mapping: use a YAML entry
+
+
+def _inspect_domain(which, spec, kind, root, split, city, labelled, num_classes, size, default_size):
+    """One domain of ``sdca inspect``: exactly one of --WHICH (CONFIG:ENTRY, DIR, GLOB) and --WHICH-data with
+    --WHICH-root; a kind's frames run at --size or the model's training size."""
+    if spec and (kind or root):
+        raise click.UsageError(f"give --{which} or --{which}-data/--{which}-root, not both")
+    if spec:
+        return _inspect_data(spec, f"--{which}", num_classes, size, default_size)
+    if not (kind and root):
+        raise click.UsageError(f"the {which} data is missing: give --{which} CONFIG:ENTRY"
+                               f"{'|DIR|GLOB' if which == 'target' else ''} or --{which}-data KIND --{which}-root DIR")
+    return _build(kind, root, split, None, None, city, None, num_classes, labelled=labelled or kind != "cityscapes",
+                  size=size or default_size)
+
+
 @main.command(short_help="Is adaptation working? Class shares, masks, alignment, feature map of a checkpoint.")
 @click.argument("checkpoint", type=click.Path(dir_okay=False))
-@click.option("--source", "source_spec", required=True, metavar="CONFIG:ENTRY",
-              help="Labelled source frames: a preset or YAML file and its data entry, e.g. my.yaml:source.")
-@click.option("--target", "target_spec", required=True, metavar="CONFIG:ENTRY|DIR|GLOB",
-              help="Target frames: a data entry (e.g. my.yaml:val, labelled) or a folder / glob of images.")
+@click.option("--source", "source_spec", metavar="CONFIG:ENTRY",
+              help="Labelled source frames: a preset or YAML file and its data entry, e.g. my.yaml:source "
+                   "(or --source-data/--source-root).")
+@click.option("--source-data", type=click.Choice(INSPECT_SOURCE_KINDS), help="Source data set kind (with --source-root).")
+@click.option("--source-root", type=click.Path(exists=True, file_okay=False), help="Source data set root.")
+@click.option("--target", "target_spec", metavar="CONFIG:ENTRY|DIR|GLOB",
+              help="Target frames: a data entry (e.g. my.yaml:val, labelled) or a folder / glob of images "
+                   "(or --target-data/--target-root).")
+@click.option("--target-data", type=click.Choice(INSPECT_SOURCE_KINDS + ("images",)),
+              help="Target data set kind (with --target-root).")
+@click.option("--target-root", type=click.Path(exists=True, file_okay=False), help="Target data set root.")
+@click.option("--target-split", default=None,
+              help="Split of --target-data (cityscapes: train/val, default val; crosscity: train/test, default test).")
+@click.option("--city", help="'crosscity': Rome, Rio, Tokyo or Taipei.")
 @click.option("--target-labels", is_flag=True,
               help="Use the target entry's labels: precision / recall of the Eq. 5 mask and Eq. 19 pseudo-labels, "
                    "confusion matrix.")
@@ -648,12 +675,13 @@ def _inspect_data(spec: str, hint: str, num_classes: int, size, default_size):
 @click.option("--frames", default=50, show_default=True, type=click.IntRange(1),
               help="Frames of each domain (a fixed random subset).")
 @click.option("--size", callback=_parse_size, metavar="WxH", help="Frame size for both domains (default: the "
-              "config's source/target sizes, or the model's training size for folders).")
+              "config's source/target sizes, or the model's training size for folders and --*-data).")
 @click.option("--map", "feature_map", type=click.Choice(["pca", "tsne"]), default="pca", show_default=True,
               help="2-D map of sampled pixel features: PCA (fast, deterministic) or t-SNE (scikit-learn).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def inspect(checkpoint, source_spec, target_spec, target_labels, out, frames, size, feature_map, device, quiet):
+def inspect(checkpoint, source_spec, source_data, source_root, target_spec, target_data, target_root, target_split,
+            city, target_labels, out, frames, size, feature_map, device, quiet):
     """Diagnostics a user can read without target labels: per class, the target's predicted share vs the
     source label share (KL), confidence, entropy and the share passing the Eq. 5 mask and Eq. 19 thresholds;
     the distance of target features to the checkpoint's source Gaussians beside the source's own, and PDD;
@@ -673,8 +701,10 @@ def inspect(checkpoint, source_spec, target_spec, target_labels, out, frames, si
         raise click.BadParameter(str(exc), param_hint="CHECKPOINT") from None
     num_classes = info.num_classes if info else 19
     default_size = info.train_size if info else None
-    source = _inspect_data(source_spec, "--source", num_classes, size, default_size)
-    target = _inspect_data(target_spec, "--target", num_classes, size, default_size)
+    source = _inspect_domain("source", source_spec, source_data, source_root, None, city, True, num_classes, size,
+                             default_size)
+    target = _inspect_domain("target", target_spec, target_data, target_root, target_split, city, target_labels,
+                             num_classes, size, default_size)
     out = out or os.path.join(os.path.dirname(os.path.abspath(checkpoint)), "inspect")
     try:
         result = inspect_checkpoint(checkpoint, source, target, out, target_labels=target_labels, frames=frames,

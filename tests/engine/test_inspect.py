@@ -133,3 +133,43 @@ def test_inspect_bad_input(trained, tmp_path):
     run = _sdca("inspect", source_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target",
                 str(tmp / "realval" / "images"), "--target-labels", "--out", str(tmp_path / "o2"))
     assert run.returncode == 1 and "no labels" in run.stderr
+
+
+def test_inspect_reads_real_layouts_given_by_kind_and_root(trained, tmp_path):
+    """--source-data gta5 / --target-data cityscapes on the same frames in those data sets' own layouts give the
+    report the YAML entries (a labelled folder with a labelId mapping) give."""
+    import shutil
+
+    tmp, _, stats_ckpt = trained
+    gta = tmp_path / "GTA5"
+    for sub in ("images", "labels"):
+        (gta / sub).mkdir(parents=True)
+        for i, path in enumerate(sorted((tmp / "sim" / sub).rglob("*.png"))):
+            shutil.copy(path, gta / sub / f"{i:05d}.png")
+    city = tmp_path / "cityscapes"
+    for i, path in enumerate(sorted((tmp / "realval" / "images").rglob("*.png"))):
+        stem = f"{path.parent.name}_000000_{i:06d}"
+        for top, suffix, src in (("leftImg8bit", "leftImg8bit", path),
+                                 ("gtFine", "gtFine_labelIds", tmp / "realval" / "labels" / path.parent.name / path.name)):
+            (city / top / "val" / "aachen").mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, city / top / "val" / "aachen" / f"{stem}_{suffix}.png")
+
+    common = ["--target-labels", "--frames", "10", "--quiet", "--device", "cpu"]
+    by_kind = _sdca("inspect", stats_ckpt, "--source-data", "gta5", "--source-root", str(gta), "--target-data",
+                    "cityscapes", "--target-root", str(city), "--out", str(tmp_path / "by_kind"), *common)
+    assert by_kind.returncode == 0, by_kind.stderr
+    by_entry = _sdca("inspect", stats_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target", f"{tmp}/cfg.yaml:val",
+                     "--out", str(tmp_path / "by_entry"), *common)
+    assert by_entry.returncode == 0, by_entry.stderr
+    a, b = (json.load(open(tmp_path / name / "inspect.json")) for name in ("by_kind", "by_entry"))
+    assert a["frames"] == b["frames"] == {"source": 6, "target": 4}
+    for key in ("source_label_share", "target_predicted_share", "eq5_pass_share"):
+        np.testing.assert_allclose(np.array(a["per_class"][key], dtype=float),
+                                   np.array(b["per_class"][key], dtype=float), atol=1e-9)  # None (no pixel) -> nan
+    assert a["with_labels"]["confusion"] == b["with_labels"]["confusion"]
+
+    both = _sdca("inspect", stats_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--source-data", "gta5",
+                 "--source-root", str(gta), "--target", str(city))
+    assert both.returncode == 2 and "not both" in both.stderr
+    neither = _sdca("inspect", stats_ckpt, "--source-data", "gta5", "--target", str(city))
+    assert neither.returncode == 2 and "--source-root" in neither.stderr
