@@ -119,13 +119,14 @@ def test_a_full_queue_answers_503_with_retry_after(served_model):
 
     from .conftest import Service
 
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
 
     class Blocking:
         info = OnnxSegmenter(served_model).info
         providers = ["test"]
 
         def predict(self, frames, confidence=False):
+            entered.set()
             release.wait(30)
             return np.zeros(frames.shape[:3], np.uint8), None
 
@@ -153,8 +154,8 @@ def test_a_full_queue_answers_503_with_retry_after(served_model):
     try:
         with ThreadPoolExecutor(2) as pool:
             in_model = pool.submit(client.segment, body)
-            wait_for(lambda h: h["queue"] == 0 and h["frames"] == 0)
-            time.sleep(0.2)  # the batcher has taken it: the model is blocked on it
+            assert entered.wait(30)  # the batcher has taken it: the model is blocked on it
+            assert health()["queue"] == 0
             queued = pool.submit(client.segment, body)
             wait_for(lambda h: h["queue"] == 1)
             import http.client
