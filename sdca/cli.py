@@ -634,7 +634,8 @@ def _inspect_data(spec: str, hint: str, num_classes: int, size, default_size):
     return ImageFolder.from_files(frames, transform=build_transform(size=size or default_size))
 
 
-INSPECT_SOURCE_KINDS = ("gta5", "synthia", "cityscapes", "crosscity")  # 'folder' needs labels and a mapping: use a YAML entry
+# 'folder' needs a label folder and a mapping besides its root: it goes through a YAML entry.
+INSPECT_SOURCE_KINDS = ("gta5", "synthia", "cityscapes", "crosscity")
 
 
 def _inspect_domain(which, spec, kind, root, split, city, labelled, num_classes, size, default_size):
@@ -656,7 +657,8 @@ def _inspect_domain(which, spec, kind, root, split, city, labelled, num_classes,
 @click.option("--source", "source_spec", metavar="CONFIG:ENTRY",
               help="Labelled source frames: a preset or YAML file and its data entry, e.g. my.yaml:source "
                    "(or --source-data/--source-root).")
-@click.option("--source-data", type=click.Choice(INSPECT_SOURCE_KINDS), help="Source data set kind (with --source-root).")
+@click.option("--source-data", type=click.Choice(INSPECT_SOURCE_KINDS),
+              help="Source data set kind (with --source-root).")
 @click.option("--source-root", type=click.Path(exists=True, file_okay=False), help="Source data set root.")
 @click.option("--target", "target_spec", metavar="CONFIG:ENTRY|DIR|GLOB",
               help="Target frames: a data entry (e.g. my.yaml:val, labelled) or a folder / glob of images "

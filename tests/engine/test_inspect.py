@@ -149,8 +149,8 @@ def test_inspect_reads_real_layouts_given_by_kind_and_root(trained, tmp_path):
     city = tmp_path / "cityscapes"
     for i, path in enumerate(sorted((tmp / "realval" / "images").rglob("*.png"))):
         stem = f"{path.parent.name}_000000_{i:06d}"
-        for top, suffix, src in (("leftImg8bit", "leftImg8bit", path),
-                                 ("gtFine", "gtFine_labelIds", tmp / "realval" / "labels" / path.parent.name / path.name)):
+        label = tmp / "realval" / "labels" / path.parent.name / path.name
+        for top, suffix, src in (("leftImg8bit", "leftImg8bit", path), ("gtFine", "gtFine_labelIds", label)):
             (city / top / "val" / "aachen").mkdir(parents=True, exist_ok=True)
             shutil.copy(src, city / top / "val" / "aachen" / f"{stem}_{suffix}.png")
 
