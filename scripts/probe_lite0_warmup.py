@@ -5,6 +5,10 @@ learning-rate multiplier) were run with this script, one seed each; they are not
 protocol (no sweep over seeds, no adaptation rows).
 
     python scripts/probe_lite0_warmup.py --domain real --steps 300 --lr 0.0025 --no-lovasz --out runs/probe
+
+``--adapt-lambda L`` then runs init-stats and 100 adaptation steps from that warm-up at the settings the
+experiment chose on validation (paper loss, full covariance, tau 0.5, delta 0.9, Eq. 5 mask, target batch-norm
+statistics, lambda_feat = lambda_out = L; L = 0 is the control) and scores them too.
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=0.01, help="backbone learning rate (the experiment's: 0.01)")
     parser.add_argument("--head-lr-mult", type=float, default=10.0, help="the ASPP head's multiplier (default 10)")
     parser.add_argument("--no-lovasz", action="store_true", help="cross-entropy only (lambda_lov = 0)")
+    parser.add_argument("--adapt-lambda", type=float, default=None,
+                        help="also adapt from the warm-up with lambda_feat = lambda_out = this (0: the control)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache", default="runs/synthdrive-cache", help="SynthDrive frame cache")
@@ -47,19 +53,38 @@ def main() -> None:
     cfg.solver.source.lr, cfg.solver.head_lr_mult = args.lr, args.head_lr_mult
     if args.no_lovasz:
         cfg.method.lambda_lov = 0.0
+    def score(model) -> dict:
+        out = {}
+        for split in ("val", "test"):
+            ds = build_dataset(dataclasses.replace(cfg.data.val, split=split), 19)
+            out[split] = evaluate(model, ds, device=torch.device("cpu"), size=cfg.data.target_size, subsets=None,
+                                  progress=False)["mIoU"]
+        return out
+
     start = time.time()
     runner = Runner(cfg, progress=True)
     runner.train(["source"])
-    model = load_model(runner.final_path("source"))
-    scores = {}
-    for split in ("val", "test"):
-        ds = build_dataset(dataclasses.replace(cfg.data.val, split=split), 19)
-        scores[split] = evaluate(model, ds, device=torch.device("cpu"), size=cfg.data.target_size, subsets=None,
-                                 progress=False)["mIoU"]
+    scores = score(load_model(runner.final_path("source")))
     losses = [json.loads(line) for line in open(os.path.join(args.out, name, "metrics.jsonl"))]
     ce = [r["loss_ce"] for r in losses if r.get("stage") == "source" and "loss_ce" in r and "done" not in r]
     result = {"name": name, "val_mIoU": scores["val"], "test_mIoU": scores["test"], "first_ce": ce[0],
               "max_ce": max(ce), "last_ce": ce[-1], "seconds": round(time.time() - start, 1)}
+    if args.adapt_lambda is not None:
+        lam = args.adapt_lambda
+        method = {"variant": "paper", "covariance": "full", "tau": 0.5, "delta": 0.9, "lambda_feat": lam,
+                  "lambda_out": lam, "adapt_bn": "target", "class_balanced_mask": False}
+        if args.no_lovasz:
+            method["lambda_lov"] = 0.0
+        name = f"{name}_adapt_lam{lam:g}"
+        cfg = synthdrive_config(os.path.join(args.out, name), plan, args.seed, os.path.abspath(args.cache),
+                                val_split="val", model="lite0", method=method)
+        cfg.solver.head_lr_mult = args.head_lr_mult
+        start = time.time()
+        adapter = Runner(cfg, progress=True, init_checkpoint=runner.final_path("source"))
+        adapter.train(["init-stats", "adapt"])
+        scores = score(load_model(adapter.final_path("adapt")))
+        result = {"name": name, "warmup": result, "val_mIoU": scores["val"], "test_mIoU": scores["test"],
+                  "seconds": round(time.time() - start, 1)}
     with open(os.path.join(args.out, name + ".json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
