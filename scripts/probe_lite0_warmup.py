@@ -1,8 +1,9 @@
 """One warm-up run of the Lite0 SynthDrive experiment with other optimiser settings, scored on val and test.
 
 The README's probes of why the Lite0 oracle stays weak (learning rate, warm-up length, Lovász, the head's
-learning-rate multiplier) were run with this script, one seed each; they are not part of `sdca experiment`'s
-protocol (no sweep over seeds, no adaptation rows).
+learning-rate multiplier; whether the loss bites after a better warm-up) were run with this script, one seed
+each; they are not part of `sdca experiment`'s protocol (one seed, no sweep, the λ = 0 control as the only
+control).
 
     python scripts/probe_lite0_warmup.py --domain real --steps 300 --lr 0.0025 --no-lovasz --out runs/probe
 
@@ -53,6 +54,7 @@ def main() -> None:
     cfg.solver.source.lr, cfg.solver.head_lr_mult = args.lr, args.head_lr_mult
     if args.no_lovasz:
         cfg.method.lambda_lov = 0.0
+
     def score(model) -> dict:
         out = {}
         for split in ("val", "test"):
