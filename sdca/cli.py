@@ -342,14 +342,21 @@ def _new_folder(parent: str, name: str) -> str:
     return path
 
 
-def _frames_of(source: str, hint: str = "--calibrate"):
-    """A folder or glob as given; CONFIG:ENTRY (a preset or YAML file, and source | target | val) as the image
-    paths of that data set."""
+def _config_entry(spec: str):
+    """(config, entry) when ``spec`` reads CONFIG:ENTRY (a preset or YAML file, and source | target | val) and
+    is not an existing path or glob; else None."""
     import glob as globbing
 
-    config, sep, entry = source.rpartition(":")
-    if not sep or entry not in ("source", "target", "val") or os.path.exists(source) or globbing.glob(source):
-        return source
+    config, sep, entry = spec.rpartition(":")
+    if not sep or entry not in ("source", "target", "val") or os.path.exists(spec) or globbing.glob(spec):
+        return None
+    return config, entry
+
+
+def _entry_dataset(config: str, entry: str, hint: str, num_classes=None, sized=False, size=None, progress=False):
+    """The data set of a config's data entry (its own class count unless given); ``sized``: with the transform
+    to ``size``, or to the config's size for that entry. Errors name ``hint``."""
+    from .data import build_transform
     from .engine import ConfigError, load_config
     from .engine.builders import build_dataset
 
@@ -358,9 +365,20 @@ def _frames_of(source: str, hint: str = "--calibrate"):
         ds_cfg = getattr(cfg.data, entry)
         if ds_cfg is None:
             raise click.BadParameter(f"{config} has no data.{entry}", param_hint=hint)
-        dataset = build_dataset(ds_cfg, cfg.model.num_classes)
+        default_size = cfg.data.source_size if entry == "source" else cfg.data.target_size
+        transform = build_transform(size=size or default_size) if sized else None
+        return build_dataset(ds_cfg, num_classes or cfg.model.num_classes, transform, progress=progress)
     except (ConfigError, FileNotFoundError, ValueError) as exc:
         raise click.BadParameter(str(exc), param_hint=hint) from None
+
+
+def _frames_of(source: str, hint: str = "--calibrate"):
+    """A folder or glob as given; CONFIG:ENTRY (a preset or YAML file, and source | target | val) as the image
+    paths of that data set."""
+    found = _config_entry(source)
+    if found is None:
+        return source
+    dataset = _entry_dataset(*found, hint)
     return [os.path.join(dataset.image_root, name) for name in dataset.names]
 
 
@@ -612,23 +630,14 @@ def _inspect_data(spec: str, hint: str, num_classes: int, size, default_size):
     """CONFIG:ENTRY (a preset or YAML file and source | target | val) -> that data set at the config's size;
     a folder or glob of images -> unlabelled frames at ``size`` or the model's training size."""
     from .data import ImageFolder, build_transform
-    from .engine import ConfigError, load_config
-    from .engine.builders import build_dataset
 
-    found = _frames_of(spec, hint)
-    if isinstance(found, list):  # CONFIG:ENTRY
-        config, _, entry = spec.rpartition(":")
-        cfg = load_config(config)
-        ds_cfg = getattr(cfg.data, entry)
-        size = size or (cfg.data.source_size if entry == "source" else cfg.data.target_size)
-        try:
-            return build_dataset(ds_cfg, num_classes, build_transform(size=size), progress=True)
-        except (ConfigError, FileNotFoundError, ValueError) as exc:
-            raise click.BadParameter(str(exc), param_hint=hint) from None
+    found = _config_entry(spec)
+    if found is not None:
+        return _entry_dataset(*found, hint, num_classes, sized=True, size=size, progress=True)
     from .deploy.quantize import find_frames
 
     try:
-        frames = find_frames(found, "frames")
+        frames = find_frames(spec, "frames")
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint=hint) from None
     return ImageFolder.from_files(frames, transform=build_transform(size=size or default_size))

@@ -182,9 +182,12 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
     conf_all, pred_all = torch.cat(confidences), torch.cat(predictions)
     pred_counts = torch.bincount(pred_all, minlength=k).double()
     conf_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, pred_all, conf_all.double())
-    eq5 = torch.bincount(pred_all[conf_all >= delta], minlength=k).double()
     thresholds = class_median_thresholds(conf_all, pred_all, k, cap=cap)
-    eq19 = torch.bincount(pred_all[conf_all >= thresholds.float()[pred_all]], minlength=k).double()
+    # Eq. 5 and Eq. 19 on the kept confidences (the rules of sdca.method.masks, which take whole probability
+    # maps: these frames' maps are not kept).
+    eq5_labels = torch.where(conf_all >= delta, pred_all, torch.full_like(pred_all, IGNORE))
+    eq19_labels = torch.where(conf_all >= thresholds.float()[pred_all], pred_all, torch.full_like(pred_all, IGNORE))
+    eq5, eq19 = (torch.bincount(lab[lab != IGNORE], minlength=k).double() for lab in (eq5_labels, eq19_labels))
     src_share = src_counts / src_counts.sum()
     tgt_share = pred_counts / pred_counts.sum()
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -214,9 +217,6 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
         truth_all = torch.cat(truths)
         valid = truth_all != IGNORE
         confusion = torch.bincount(truth_all[valid].long() * k + pred_all[valid], minlength=k * k).reshape(k, k)
-        # Eq. 5 and Eq. 19 applied to the kept confidences (the rules of sdca.method.masks, on probabilities).
-        eq5_labels = torch.where(conf_all >= delta, pred_all, torch.full_like(pred_all, IGNORE))
-        eq19_labels = torch.where(conf_all >= thresholds.float()[pred_all], pred_all, torch.full_like(pred_all, IGNORE))
         p5, r5, _ = masked_precision_recall(eq5_labels, truth_all, k)
         p19, r19, _ = masked_precision_recall(eq19_labels, truth_all, k)
         result["with_labels"] = {"eq5_precision": _nan_list(p5.tolist()), "eq5_recall": _nan_list(r5.tolist()),
