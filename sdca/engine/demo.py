@@ -129,14 +129,11 @@ INSPECTED = {"source-only": "init-stats", "SDCA (adapt)": "adapt"}  # init-stats
 def inspect_pair(runner, cfg, out_dir: str, frames: int, progress: bool = False) -> dict:
     """`sdca inspect` on the source-only model and the adapted one: source frames vs the labelled test split.
     Returns {title: inspect result} (written under out_dir/inspect/<stage>/)."""
-    from ..data import build_transform
-    from .builders import build_dataset
-    from .inspect import inspect_checkpoint
+    from .inspect import inspect_checkpoint, labelled_domains
 
+    source, target = labelled_domains(cfg)
     results = {}
     for title, stage in INSPECTED.items():
-        source = build_dataset(cfg.data.source, 19, build_transform(size=cfg.data.source_size))
-        target = build_dataset(cfg.data.val, 19, build_transform(size=cfg.data.target_size))
         results[title] = inspect_checkpoint(runner.final_path(stage), source, target,
                                             os.path.join(out_dir, "inspect", stage), target_labels=True,
                                             frames=frames, progress=progress, title=title)

@@ -250,18 +250,14 @@ class Experiment:
 
     def inspect_row(self, row: str, choice: dict, frames: int = 40) -> Optional[dict]:
         """`sdca inspect` of a row's seed-0 model: source frames vs the labelled validation split."""
-        from ..data import build_transform
-        from .builders import build_dataset
-        from .inspect import inspect_checkpoint
+        from .inspect import inspect_checkpoint, labelled_domains
 
         if self.result(self.row_key(row, 0, choice)) is None:
             return None
         folder = os.path.join(self.out_dir, "inspect", row)
         if os.path.isfile(os.path.join(folder, "inspect.json")):
             return json.load(open(os.path.join(folder, "inspect.json")))
-        cfg = self._cfg(f"s0_{row}", 0)
-        source = build_dataset(cfg.data.source, 19, build_transform(size=cfg.data.source_size))
-        target = build_dataset(cfg.data.val, 19, build_transform(size=cfg.data.target_size))
+        source, target = labelled_domains(self._cfg(f"s0_{row}", 0))
         return inspect_checkpoint(self.row_checkpoint(row, 0, choice), source, target, folder, target_labels=True,
                                   frames=12 if self.quick else frames, progress=self.progress, title=row)
 
@@ -378,16 +374,15 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
         rec = (table["sdca_st"]["mean"] - table["source"]["mean"]) / gap if gap > 0 else float("nan")
         lines += ["", f"Source-only -> oracle gap: {gap:.1f} points; SDCA + self-training recovers "
                       f"{100 * rec:.0f}% of it."]
-    if table:
-        rows = list(table.values())
+    rows = list(table.values())
+    # Per class, each row's test IoU averaged over seeds (classes no row ever scored left out): table and figure.
+    class_means = {name: [_mean_iou(r["IoU"][name]) for r in rows] for name in (rows[0]["IoU"] if rows else ())}
+    class_means = {name: means for name, means in class_means.items() if any(m is not None for m in means)}
+    if rows:
         lines += ["", "## Per-class test IoU, mean over seeds", "",
                   "| class | " + " | ".join(r["label"] for r in rows) + " |", "| --- |" + " ---: |" * len(rows)]
-        for name in rows[0]["IoU"]:
-            cells = [[v for v in r["IoU"][name] if v is not None] for r in rows]
-            if not any(cells):
-                continue
-            lines.append(f"| {name} | " + " | ".join(f"{100 * sum(c) / len(c):.1f}" if c else "n/a" for c in cells)
-                         + " |")
+        lines += [f"| {name} | " + " | ".join("n/a" if m is None else f"{m:.1f}" for m in means) + " |"
+                  for name, means in class_means.items()]
     lines += ["", "## Validation sweep (seed 0, validation split)", "",
               "| adapt_bn | lambda | tau | target mask | val mIoU |", "| --- | ---: | ---: | --- | ---: |"]
     for key in sorted(os.listdir(os.path.join(exp.out_dir, "results"))):
@@ -407,13 +402,12 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
                          + (f"diverged: {r['diverged']} |" if r.get("diverged") else " |"))
     lines += _diagnostics(exp, seeds, choice)
     lines += _inspected(exp, choice)
-    if table:
+    if rows:
         try:
             from .plots import per_class_bars
 
-            rows = list(table.values())
-            names = [n for n in rows[0]["IoU"] if any(v is not None for r in rows for v in r["IoU"][n])]
-            per_class_bars(names, {r["label"]: [_mean_iou(r["IoU"][n]) for n in names] for r in rows},
+            per_class_bars(list(class_means), {r["label"]: [means[i] for means in class_means.values()]
+                                               for i, r in enumerate(rows)},
                            os.path.join(exp.out_dir, "per_class.png"), "test IoU per class, mean over seeds")
             lines += ["", "![per-class test IoU](per_class.png)"]
         except ImportError as exc:

@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .._atomic import atomic_write_text
-from ..data import ImageFolder, collate, has_images
+from ..data import ImageFolder, build_transform, collate, has_images
 from ..method import SemanticDistribution, downsample_labels
 from ..method.diagnostics import (class_shares, entropy, gaussian_scores, kl_divergence,
                                   masked_precision_recall)
@@ -28,6 +28,7 @@ from ..method.masks import class_median_thresholds
 from ..metrics import PixelDiscrimination
 from ..models import read_checkpoint, upsample_logits
 from ..models.checkpoint import model_from_checkpoint
+from .builders import build_dataset
 from .steps import pixel_rows, statistics_rows
 
 IGNORE = 255
@@ -36,6 +37,14 @@ NEEDS_STATISTICS = ("alignment (log-likelihood, Mahalanobis distance)", "PDD (Eq
 
 class InspectError(ValueError):
     """Input that inspect cannot work with (named in the message)."""
+
+
+def labelled_domains(cfg):
+    """A training config's source set and labelled val set, each at the config's size for its domain: what the
+    demo and the experiment inspect their models on."""
+    k = cfg.model.num_classes
+    return (build_dataset(cfg.data.source, k, build_transform(size=cfg.data.source_size)),
+            build_dataset(cfg.data.val, k, build_transform(size=cfg.data.target_size)))
 
 
 def _subset(dataset, frames: int, seed: int):

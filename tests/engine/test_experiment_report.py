@@ -31,6 +31,11 @@ def test_report_means_spreads_and_recovery(tmp_path):
     assert f"recovers {100 * recovered:.0f}%" in text
     assert "adapt_bn=target" in text and "class-balanced" in text and "| train | 0.1 | 0.5 | Eq. 5 | 20.0 |" in text
     assert exp.row_key("control", 1, choice) == "s1_control_bn-target_lam-0.0_tau-0.5"  # one control per BN mode
+    # Per-class table: each row's IoU averaged over seeds; a class no seed of any row scored is left out.
+    road = next(line for line in text.splitlines() if line.startswith("| road |"))
+    cells = [float(c) for c in road.strip(" |").split("|")[1:]]
+    assert cells == pytest.approx([100 * truth[row].mean() for row, _, _ in ROWS], abs=0.051)
+    assert "| car |" not in text
 
 
 def test_missing_seeds_leave_a_row_out(tmp_path):
