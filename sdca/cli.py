@@ -33,6 +33,15 @@ def doctor(as_json: bool):
     click.echo(json.dumps(info, indent=2) if as_json else format_report(info))
 
 
+def _trust_option(f):
+    """--trust-checkpoint: the one way to read a checkpoint that names Python objects besides tensors."""
+    return click.option(
+        "--trust-checkpoint", "trust_checkpoint", is_flag=True,
+        help="Read the checkpoint (and, for train, model.pretrained) with full unpickling. Off by default: sdca "
+             "loads tensors and plain containers only and refuses a file that asks for anything else, because "
+             "unpickling such a file can run code. Use it only for a file you know.")(f)
+
+
 def _config(config, overrides, **direct):
     from .engine import ConfigError, load_config
 
@@ -63,8 +72,9 @@ def _config(config, overrides, **direct):
 @click.option("--world-size", type=int, default=None, metavar="N",
               help="With --print-recipe: the number of processes the global batches are given for "
                    "(default: WORLD_SIZE, else 1).")
+@_trust_option
 def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretrained, amp, device, quiet,
-          print_recipe, world_size):
+          print_recipe, world_size, trust_checkpoint):
     """Run the SDCA pipeline: source -> init-stats -> adapt -> pseudo-label -> self-train.
 
     CONFIG is a YAML file or a packaged preset (gta5_cityscapes_r101, gta5_cityscapes_vgg16,
@@ -101,14 +111,20 @@ def train(config, overrides, stages, name, output_dir, init_checkpoint, no_pretr
             raise click.BadParameter(str(exc), param_hint="--set / CONFIG") from None
         return
     _check_data(cfg, config or "default")
+    from .engine.distributed import shutdown
+
+    runner = None
     try:
-        runner = Runner(cfg, progress=not quiet, init_checkpoint=init_checkpoint)
+        runner = Runner(cfg, progress=not quiet, init_checkpoint=init_checkpoint, trust_checkpoint=trust_checkpoint)
         result = runner.train()
     except Interrupted as exc:
         click.echo(f"sdca: {exc}", err=True)
         sys.exit(130 if exc.signal_name == "SIGINT" else 143)
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    finally:
+        if runner is not None:
+            shutdown(runner.dist)
     if runner.dist.is_main:
         click.echo(f"sdca: run {cfg.name} finished stages {', '.join(result['stages'])} in {result['seconds']} s; "
                    f"outputs in {result['run_dir']}")
@@ -179,13 +195,13 @@ def _build(kind, root, split, labels, mapping, city, list_file, num_classes, lab
         raise click.ClickException(str(exc)) from None
 
 
-def _load(checkpoint, device):
+def _load(checkpoint, device, trusted=False):
     from .device import resolve_device
     from .models import load_model
 
     try:
         dev = resolve_device(device)
-        return load_model(checkpoint, device=dev), dev
+        return load_model(checkpoint, device=dev, trusted=trusted), dev
     except (FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -199,8 +215,9 @@ def _load(checkpoint, device):
 @click.option("--save-predictions", type=click.Path(file_okay=False), help="Write each prediction as a PNG here.")
 @click.option("--labelid", is_flag=True, help="Write Cityscapes labelIds (for the official evaluation scripts).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Also write the results as JSON.")
+@_trust_option
 def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, size, resize, device, workers, flip,
-             scales, pdd, save_predictions, labelid, json_out):
+             scales, pdd, save_predictions, labelid, json_out, trust_checkpoint):
     """Score CHECKPOINT on a labelled split: per-class IoU, mIoU (and the 13-class mIoU* for 16-class models,
     tail-class mIoU for 19-class ones). Predictions are resized to each label's resolution."""
     from ._atomic import atomic_write_text
@@ -209,11 +226,11 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
     from .method import SemanticDistribution
     from .models import read_checkpoint
 
-    model, dev = _load(checkpoint, device)
+    model, dev = _load(checkpoint, device, trust_checkpoint)
     dataset = _build(kind, root, split, labels, mapping, city, list_file, model.num_classes)
     stats = None
     if pdd:
-        raw = read_checkpoint(checkpoint)
+        raw = read_checkpoint(checkpoint, trusted=trust_checkpoint)
         state = (raw.get("statistics") or {}).get("features") if isinstance(raw, dict) else None
         if not state:
             raise click.ClickException(f"{checkpoint} holds no feature statistics, which --pdd needs "
@@ -236,13 +253,14 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
 @_dataset_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for the label maps.")
 @click.option("--cap", default=0.9, show_default=True, help="Cap on the class thresholds (the public code's 0.9).")
+@_trust_option
 def pseudo_label(checkpoint, kind, root, split, labels, mapping, city, list_file, size, resize, device, workers, out,
-                 cap):
+                 cap, trust_checkpoint):
     """Write Eq. 19 pseudo-labels for every target image: per-class median confidence thresholds over the whole
     set (exact, streamed), label PNGs (255 below threshold) and thresholds.json with each class's share."""
     from .engine import generate_pseudo_labels
 
-    model, dev = _load(checkpoint, device)
+    model, dev = _load(checkpoint, device, trust_checkpoint)
     dataset = _build(kind, root, split or "train", labels, mapping, city, list_file, model.num_classes,
                      labelled=False)
     report = generate_pseudo_labels(model, dataset, out, device=dev, size=size, cap=cap, workers=workers,
@@ -430,9 +448,10 @@ def _newest(pattern: str, root: str = "runs"):
 @click.option("--min-agreement", default=0.98, show_default=True,
               help="--int8: the least share of held-out pixels whose label INT8 and float agree on.")
 @click.option("--force", is_flag=True, help="--int8: write the model even below --min-agreement.")
+@_trust_option
 def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_size, triton_repo, triton_name,
            max_batch, no_check, no_sidecar, describe_model, int8, calibrate, calib_frames, calib_method,
-           holdout_frames, holdout, calib_size, min_agreement, force):
+           holdout_frames, holdout, calib_size, min_agreement, force, trust_checkpoint):
     """Export a checkpoint to ONNX: dynamic batch, height and width (or one fixed size with --static-size),
     upsampling to the input size in the graph, class names, palette and input normalisation in the metadata;
     then a parity check against PyTorch. With --triton, also a Triton model repository.
@@ -482,14 +501,14 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
 
             float_path = os.path.join(tempfile.mkdtemp(prefix="sdca-export-"), "float.onnx")
             report = export_onnx(checkpoint, float_path, output=output, opset=opset, check=not no_check,
-                                 static_size=static_size)
+                                 static_size=static_size, trusted=trust_checkpoint)
             quant = quantize_int8(float_path, target, _frames_of(calibrate), calib_frames=calib_frames,
                                   held_out_frames=holdout_frames, method=calib_method, size=calib_size,
                                   min_agreement=min_agreement, force=force, held_out=holdout)
             report["bytes"] = os.path.getsize(target)
         else:
             report = export_onnx(checkpoint, target, output=output, fp16=fp16, opset=opset, check=not no_check,
-                                 static_size=static_size)
+                                 static_size=static_size, trusted=trust_checkpoint)
         if triton_repo is not None:
             from .deploy.triton import write_triton_repository
 
@@ -542,8 +561,9 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
 @click.option("--video-stride", default=1, show_default=True, help="Segment every n-th video frame.")
 @click.option("--skip-existing", is_flag=True, help="Skip frames whose outputs all exist (resume a run).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@_trust_option
 def infer(inputs, model, out, backend, device, providers, batch, size, workers, color, overlay, trainid, labelid,
-          confidence, opacity, video_stride, skip_existing, quiet):
+          confidence, opacity, video_stride, skip_existing, quiet, trust_checkpoint):
     """Segment INPUTS (files, folders searched recursively, glob patterns, videos) into OUT.
 
     Outputs go to OUT/<kind>/<input path>.png, one folder per requested kind; OUT/summary.json lists frames,
@@ -566,7 +586,7 @@ def infer(inputs, model, out, backend, device, providers, batch, size, workers, 
                              ("confidence", confidence)) if on] or ["color"]
     try:
         segmenter = open_segmenter(model, backend, providers=providers.split(",") if providers else None,
-                                   device=device)
+                                   device=device, trusted=trust_checkpoint)
         click.echo(f"sdca: {segmenter.backend} on {', '.join(segmenter.providers)}", err=True)
         summary = run_inference(segmenter, inputs, out, outputs=kinds, batch=batch, size=size, workers=workers,
                                 skip_existing=skip_existing, progress=not quiet, opacity=opacity,
@@ -595,7 +615,8 @@ def infer(inputs, model, out, backend, device, providers, batch, size, workers, 
               help="Frames per batch (statistics are averaged over batches).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def adapt_bn(checkpoint, targets, out, max_frames, size, batch_size, device, quiet):
+@_trust_option
+def adapt_bn(checkpoint, targets, out, max_frames, size, batch_size, device, quiet, trust_checkpoint):
     """AdaBN: CHECKPOINT with every batch norm's running mean and variance re-estimated on TARGET frames (folders,
     glob patterns, image files, or a config's data set entry such as my.yaml:target), written to ADAPTED.pt.
 
@@ -619,7 +640,8 @@ def adapt_bn(checkpoint, targets, out, max_frames, size, batch_size, device, qui
             raise click.BadParameter(str(exc), param_hint="TARGET") from None
     try:
         summary = adapt_batchnorm(checkpoint, frames, out, max_frames=max_frames, size=size,
-                                  batch_size=batch_size, device=str(resolve_device(device)), progress=not quiet)
+                                  batch_size=batch_size, device=str(resolve_device(device)), progress=not quiet,
+                                  trusted=trust_checkpoint)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"sdca: re-estimated {summary['layers']} batch-norm layers on {summary['frames']} frames "
@@ -691,8 +713,9 @@ def _inspect_domain(which, spec, kind, root, split, city, labelled, num_classes,
               help="2-D map of sampled pixel features: PCA (fast, deterministic) or t-SNE (scikit-learn).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_trust_option
 def inspect(checkpoint, source_spec, source_data, source_root, target_spec, target_data, target_root, target_split,
-            city, target_labels, out, frames, size, feature_map, device, quiet):
+            city, target_labels, out, frames, size, feature_map, device, quiet, trust_checkpoint):
     """Diagnostics a user can read without target labels: per class, the target's predicted share vs the
     source label share (KL), confidence, entropy and the share passing the Eq. 5 mask and Eq. 19 thresholds;
     the distance of target features to the checkpoint's source Gaussians beside the source's own, and PDD;
@@ -706,7 +729,7 @@ def inspect(checkpoint, source_spec, source_data, source_root, target_spec, targ
     if not os.path.isfile(checkpoint):
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="CHECKPOINT")
     try:
-        ckpt = read_checkpoint(checkpoint)
+        ckpt = read_checkpoint(checkpoint, trusted=trust_checkpoint)
         info = ModelInfo.from_dict(ckpt["model"]["info"]) if ckpt.get("format") == "sdca-checkpoint" else None
     except (ValueError, KeyError) as exc:
         raise click.BadParameter(str(exc), param_hint="CHECKPOINT") from None

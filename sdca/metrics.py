@@ -58,10 +58,10 @@ class ConfusionMatrix:
         return self
 
     def all_reduce(self, group=None) -> "ConfusionMatrix":
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.matrix, group=group)
-            dist.all_reduce(self.missed, group=group)
+        from . import collectives
+
+        collectives.all_reduce(self.matrix, group=group)
+        collectives.all_reduce(self.missed, group=group)
         return self
 
     # --------------------------------------------------------------- readouts
@@ -152,6 +152,13 @@ class PixelDiscrimination:
         ratio = own / (cos.sum(1) - own)
         self.total += torch.zeros(self.num_classes, dtype=torch.float64, device=x.device).index_add_(0, y, ratio).cpu()
         self.count += torch.bincount(y, minlength=self.num_classes).cpu()
+        return self
+
+    def all_reduce(self, group=None) -> "PixelDiscrimination":
+        from . import collectives
+
+        collectives.all_reduce(self.total, group=group)
+        collectives.all_reduce(self.count, group=group)
         return self
 
     def value(self) -> torch.Tensor:

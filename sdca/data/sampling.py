@@ -11,7 +11,9 @@ often than under uniform sampling:
 - the next file of c's list is taken (lists start in file order and are reshuffled each time they wrap
   around), and its classes are added to the counts.
 
-``iters // 3000 + 1`` sub-epochs are drawn; a stream repeats the order for as long as training runs.
+``picks // 3000 + 1`` sub-epochs are drawn, where ``picks`` = iterations x global batch: as many as the stage
+consumes. (The public code draws ``iters // 3000 + 1`` sub-epochs and repeats the list to cover
+iters x batch, i.e. the same order about batch-size times; a stream here repeats it only past its end.)
 """
 from __future__ import annotations
 
@@ -80,10 +82,12 @@ def class_sets(dataset, num_classes: int, *, cache_dir: str, progress: bool = Fa
     return sets
 
 
-def class_balanced_order(sets: Sequence[Set[int]], num_classes: int, iters: int, seed: int) -> List[int]:
-    """Item indices in the order FADA's rule draws them (see the module docstring); ``iters`` sets the number of
-    sub-epochs (``iters // 3000 + 1``). Random draws come from ``numpy.random.default_rng(seed)``: per pick one
-    ``choice`` of the class, and one ``shuffle`` of a class's list each time it wraps around."""
+def class_balanced_order(sets: Sequence[Set[int]], num_classes: int, iters: int, seed: int,
+                         batch: int = 1) -> List[int]:
+    """Item indices in the order FADA's rule draws them (see the module docstring): at least ``iters`` x
+    ``batch`` picks (``batch``: the global batch), in ``iters * batch // 3000 + 1`` sub-epochs. Random draws
+    come from ``numpy.random.default_rng(seed)``: per pick one ``choice`` of the class, and one ``shuffle`` of
+    a class's list each time it wraps around."""
     files_of = [[i for i, s in enumerate(sets) if c in s] for c in range(num_classes)]
     drawable = np.array([len(f) > 0 for f in files_of])
     if not drawable.any():
@@ -91,7 +95,7 @@ def class_balanced_order(sets: Sequence[Set[int]], num_classes: int, iters: int,
     rng = np.random.default_rng(seed)
     position = [0] * num_classes
     order: List[int] = []
-    for _ in range(iters // SUB_EPOCH + 1):
+    for _ in range(iters * batch // SUB_EPOCH + 1):
         counts = np.zeros(num_classes)
         for _ in range(SUB_EPOCH):
             dist = counts / counts.sum() if counts.sum() > 0 else counts

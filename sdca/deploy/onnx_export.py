@@ -57,7 +57,7 @@ def deploy_info(model: DeepLabV2, output: str, checkpoint: str = "", sha256: str
 def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset: int = DEFAULT_OPSET,
                 fp16: bool = False, check: bool = True,
                 parity_shapes: Sequence[Tuple[int, int, int]] = ((1, 257, 385), (2, 193, 321)),
-                max_size: int = 4096, static_size: Optional[Tuple[int, int]] = None) -> dict:
+                max_size: int = 4096, static_size: Optional[Tuple[int, int]] = None, trusted: bool = False) -> dict:
     """Export our checkpoint, a public SDCA checkpoint, or a model, to ``path``; returns a report.
 
     The graph takes the normalised image (see the metadata's mean, std, scale and channel order) with dynamic
@@ -69,12 +69,14 @@ def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset
     ``static_size`` = (width, height): a graph with every shape fixed (batch 1, that size) and no shape
     arithmetic, for runtimes without dynamic shapes (OpenCV's DNN module, the C++ consumer in export/); the
     size is recorded as ``input_size`` in the metadata and the parity run uses it.
+
+    ``trusted``: read the checkpoint with full unpickling (see :func:`sdca.models.read_checkpoint`).
     """
     import onnx
 
     if isinstance(checkpoint_or_model, str):
         checkpoint = checkpoint_or_model
-        model, sha = load_model(checkpoint), _sha256(checkpoint)
+        model, sha = load_model(checkpoint, trusted=trusted), _sha256(checkpoint)
     else:
         checkpoint, model, sha = "", checkpoint_or_model.eval(), ""
     model = model.float().eval()

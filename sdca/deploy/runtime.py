@@ -11,7 +11,7 @@ from sdca_serve.runtime import OnnxSegmenter, preprocess, resolve_providers  # n
 class TorchSegmenter:
     backend = "pytorch"
 
-    def __init__(self, checkpoint: str, device: str = "auto"):
+    def __init__(self, checkpoint: str, device: str = "auto", trusted: bool = False):
         import torch
 
         from ..device import resolve_device
@@ -20,7 +20,7 @@ class TorchSegmenter:
 
         self.torch = torch
         self.device = resolve_device(device)
-        self.model = load_model(checkpoint, device=self.device)
+        self.model = load_model(checkpoint, device=self.device, trusted=trusted)
         self.info = deploy_info(self.model, "logits", checkpoint)
         self.providers = [str(self.device)]
 
@@ -37,13 +37,14 @@ class TorchSegmenter:
 
 
 def open_segmenter(model: str, backend: Optional[str] = None, *, providers=None, device: str = "auto",
-                   threads: int = 0):
-    """An .onnx file -> ONNX Runtime; anything else (a checkpoint) -> PyTorch; ``backend`` overrides."""
+                   threads: int = 0, trusted: bool = False):
+    """An .onnx file -> ONNX Runtime; anything else (a checkpoint) -> PyTorch; ``backend`` overrides.
+    ``trusted``: a checkpoint is read with full unpickling (see :func:`sdca.models.read_checkpoint`)."""
     backend = backend or ("onnxruntime" if model.lower().endswith(".onnx") else "pytorch")
     if backend == "onnxruntime":
         return OnnxSegmenter(model, providers, device, threads)
     if backend == "pytorch":
         if providers:
             raise ValueError("--providers applies to the onnxruntime backend only")
-        return TorchSegmenter(model, device)
+        return TorchSegmenter(model, device, trusted)
     raise ValueError(f"backend must be onnxruntime or pytorch, got {backend!r}")

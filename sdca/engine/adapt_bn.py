@@ -29,18 +29,19 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 def adapt_batchnorm(checkpoint: str, frames: Sequence[str], out: str, *, max_frames: int = 500,
                     size: Optional[Tuple[int, int]] = None, batch_size: int = 4, seed: int = 0,
-                    device: str = "cpu", progress: bool = True) -> dict:
+                    device: str = "cpu", progress: bool = True, trusted: bool = False) -> dict:
     """Write ``out``: ``checkpoint`` with every batch norm's running statistics re-estimated on ``frames``
     (at most ``max_frames``, a fixed random subset; brought to ``size`` or the model's training size).
 
     Returns a summary (frames used, unreadable ones, batch-norm layers, mode). Batches must hold more than one
-    frame for the statistics to mean anything: ``batch_size`` >= 2.
+    frame for the statistics to mean anything: ``batch_size`` >= 2. ``trusted``: read ``checkpoint`` with full
+    unpickling (see :func:`sdca.models.read_checkpoint`).
     """
     if batch_size < 2:
         raise ValueError(f"batch_size must be >= 2 (batch statistics of one frame are its own), got {batch_size}")
     if not frames:
         raise ValueError("adapt-bn needs target frames; none were given")
-    source = read_checkpoint(checkpoint)
+    source = read_checkpoint(checkpoint, trusted=trusted)
     model = model_from_checkpoint(source, checkpoint)
     if not has_batchnorm(model):
         raise ValueError(f"{checkpoint}: {model.info.arch} has no batch norm layers, so there are no statistics "

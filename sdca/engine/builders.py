@@ -156,7 +156,7 @@ class Stream:
 
 
 # ----------------------------------------------------------------------------------- model, optimizer
-def build_model_from_config(m: ModelConfig, train_size=None, class_names=None, palette=None):
+def build_model_from_config(m: ModelConfig, train_size=None, class_names=None, palette=None, trusted=False):
     pretrained = None if m.no_pretrained else m.pretrained
     if pretrained is None and m.arch == "deeplabv2_lite0" and not m.no_pretrained:
         pretrained = "imagenet"  # its weights ship with a package: nothing for the user to fetch
@@ -165,7 +165,7 @@ def build_model_from_config(m: ModelConfig, train_size=None, class_names=None, p
                          "(see the README for which file) or pass --no-pretrained to train from scratch")
     return build_model(m.arch, m.num_classes, bn=m.bn, pretrained=pretrained, width=m.width,
                        train_size=train_size, class_names=class_names, palette=palette,
-                       output_stride=m.output_stride)
+                       output_stride=m.output_stride, trusted=trusted)
 
 
 def build_optimizer(model, solver: SolverConfig, stage: StageSolver) -> torch.optim.SGD:

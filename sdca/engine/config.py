@@ -107,6 +107,8 @@ class StageSolver:
     iters: int = 1000
     lr: float = 2.5e-4
     schedule_iters: Optional[int] = None  # poly schedule length (the public code stops early): None = iters
+    # The global batch (per domain) the lr was set for; a run whose processes x batch differ is warned.
+    global_batch: Optional[int] = None
 
 
 @dataclass

@@ -69,7 +69,7 @@ def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.
     info = model.info
     dist_info = dist_info or DistInfo()
     model.eval()
-    cm = ConfusionMatrix(info.num_classes)
+    cm = ConfusionMatrix(info.num_classes, device=device)  # counted where the predictions are: no per-batch copy
     pdd = PixelDiscrimination(info.num_classes) if pdd_stats is not None else None
     indices = list(range(dist_info.rank, len(dataset), dist_info.world_size))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, num_workers=workers,
@@ -94,17 +94,19 @@ def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.
             name = os.path.splitext(batch["name"][0])[0] + ".png"
             write_png(os.path.join(save_dir, name), out)
     if dist_info.enabled:
+        import torch.distributed as dist
+
         cm.all_reduce()
+        shards = [None] * dist_info.world_size
+        dist.all_gather_object(shards, unreadable)  # the names each rank's shard left out
+        unreadable = [name for shard in shards for name in shard]
+        if pdd is not None:
+            pdd.all_reduce()
     summary = cm.summary(info.class_names, subsets)
-    summary["images"] = len(dataset) - len(unreadable) if not dist_info.enabled else len(dataset)
+    summary["images"] = len(dataset) - len(unreadable)
     if unreadable:
         summary["unreadable"] = sorted(unreadable)
     if pdd is not None:
-        if dist_info.enabled:
-            import torch.distributed as dist
-
-            dist.all_reduce(pdd.total)
-            dist.all_reduce(pdd.count)
         summary["PDD"] = {n: (None if np.isnan(v) else v) for n, v in zip(info.class_names, pdd.value().tolist())}
     return summary
 

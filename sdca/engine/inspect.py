@@ -96,17 +96,18 @@ def _nan_list(values) -> list:
 def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_labels: bool = False,
                        frames: int = 50, device="cpu", feature_map: str = "pca",
                        per_class: int = 100, seed: int = 0, progress: bool = True, title: Optional[str] = None,
-                       ckpt: Optional[dict] = None) -> dict:
+                       ckpt: Optional[dict] = None, trusted: bool = False) -> dict:
     """Write ``out_dir``/inspect.json, inspect.md and figures; returns the JSON's content.
 
     ``source``: a labelled data set (its labels give the source label shares and the source side of the
     alignment). ``target``: a data set of target frames; with ``target_labels`` its labels give precision,
     recall and the confusion matrix. Both come with their transform (the size the model runs at). ``ckpt``:
-    the checkpoint already read (:func:`read_checkpoint`), so that a caller that read it is not made to again.
+    the checkpoint already read (:func:`read_checkpoint`), so that a caller that read it is not made to again;
+    ``trusted``: read ``checkpoint`` with full unpickling otherwise (see :func:`read_checkpoint`).
     """
     from tqdm.auto import tqdm
 
-    ckpt = read_checkpoint(checkpoint) if ckpt is None else ckpt
+    ckpt = read_checkpoint(checkpoint, trusted=trusted) if ckpt is None else ckpt
     model = model_from_checkpoint(ckpt, checkpoint).to(device).eval()
     k = model.num_classes
     names = model.info.class_names

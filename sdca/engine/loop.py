@@ -49,8 +49,11 @@ class TrainLoop:
     no checkpoint of the last step; it is honoured at the end of the next step instead.
     """
 
-    def __init__(self, step, hooks: List[HookBase], max_iter: int, start_iter: int = 0):
+    def __init__(self, step, hooks: List[HookBase], max_iter: int, start_iter: int = 0, agree_stop=None):
+        """``agree_stop(requested) -> agreed``: under torch.distributed, the stop every rank takes after this
+        step (a signal reaches each rank at its own moment; all must stop after the same step)."""
         self.step, self.hooks, self.max_iter, self.iter = step, hooks, max_iter, start_iter
+        self.agree_stop = agree_stop
         self.start_iter = start_iter
         self.losses: Dict[str, float] = {}
         self.stop_requested: Optional[str] = None
@@ -72,7 +75,8 @@ class TrainLoop:
                     hook.before_step()
                 self.losses = self.step.run_step(self.iter)
                 self.iter += 1
-                self.stopped_by = self.stop_requested
+                # Under DDP another rank's signal stops this one too, after this same step.
+                self.stopped_by = self.agree_stop(self.stop_requested) if self.agree_stop else self.stop_requested
                 for hook in self.hooks:
                     hook.after_step()
         except BaseException:
@@ -83,13 +87,30 @@ class TrainLoop:
                 hook.after_train()
 
 
-def check_finite(losses: Dict[str, torch.Tensor], iteration: int) -> None:
-    """Raise NonFiniteLoss naming the step and the first non-finite term (before any weight is changed)."""
+def check_finite(losses: Dict[str, torch.Tensor], iteration: int, dist_info=None) -> None:
+    """Raise NonFiniteLoss naming the step and the first non-finite term (before any weight is changed).
+
+    Under torch.distributed every rank learns (one tiny all-reduce) whether any rank saw one, and all raise
+    at the same step, the message naming the rank: a rank that stopped alone would leave the others waiting
+    in the gradient all-reduce until the process-group timeout."""
+    from .distributed import agree_max
+
+    bad = None
     for name, value in losses.items():
         v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
         if not math.isfinite(v):
-            raise NonFiniteLoss(f"loss term {name} is {v} at step {iteration + 1}; the run stopped before the "
-                                "update, and the last checkpoint holds the last good weights")
+            bad = (name, v)
+            break
+    enabled = dist_info is not None and dist_info.enabled
+    where = f" on rank {dist_info.rank}" if enabled else ""
+    if enabled:
+        worst = agree_max(dist_info.rank + 1 if bad else 0, dist_info)
+        if worst and bad is None:
+            raise NonFiniteLoss(f"a loss term is non-finite at step {iteration + 1} on rank {worst - 1}; every rank "
+                                "stopped before the update, and the last checkpoint holds the last good weights")
+    if bad is not None:
+        raise NonFiniteLoss(f"loss term {bad[0]} is {bad[1]} at step {iteration + 1}{where}; the run stopped before "
+                            "the update, and the last checkpoint holds the last good weights")
 
 
 class LRSchedule(HookBase):
@@ -105,10 +126,19 @@ class LRSchedule(HookBase):
 
 
 class SignalHandler(HookBase):
-    """SIGINT / SIGTERM request a stop after the current step instead of killing the process mid-write."""
+    """SIGINT / SIGTERM request a stop after the current step instead of killing the process mid-write; a second
+    signal aborts at once.
 
-    def __init__(self, enabled: bool = True):
+    Under torchrun a Ctrl-C reaches each worker twice (from the terminal, and forwarded by the agent), and
+    ``kill -INT`` of the agent arrives as its forwarded signal: a second signal within ``duplicate_window_s``
+    of the first is taken as that duplicate, not as a second request, so that the stop checkpoint is written.
+    """
+
+    def __init__(self, enabled: bool = True, duplicate_window_s: Optional[float] = None):
         self.enabled, self.previous = enabled, {}
+        if duplicate_window_s is None:
+            duplicate_window_s = 2.0 if "TORCHELASTIC_RUN_ID" in os.environ else 0.0
+        self.duplicate_window_s, self.first_at = duplicate_window_s, None
 
     def before_train(self):
         if not self.enabled:
@@ -120,8 +150,12 @@ class SignalHandler(HookBase):
                 pass
 
     def _handle(self, signum, frame):
-        if self.trainer.stop_requested is not None:  # a second signal: give up at once
+        now = time.monotonic()
+        if self.first_at is not None and now - self.first_at < self.duplicate_window_s:
+            return  # the same request delivered twice (torchrun)
+        if self.first_at is not None:  # a second signal: give up
             raise KeyboardInterrupt
+        self.first_at = now
         self.trainer.stop_requested = signal.Signals(signum).name
 
     def after_train(self):

@@ -116,10 +116,24 @@ def recipe_rows(cfg: Config, world_size: int = 1) -> List[dict]:
         rows.append({"stage": label, "lr": solver.lr, "iters": solver.iters,
                      "poly length": solver.schedule_iters or solver.iters,
                      "batch / process": batch, f"global batch ({world_size} proc.)": global_batch,
+                     "global batch of the lr": solver.global_batch or "not set",
                      "batch norm": _bn(cfg, stage), "input": inputs, "resize": cfg.data.resize,
                      "augmentation": augmentation,
                      "sampling": r.sampling if stage != "self_train" else "uniform (target)", "starts from": start})
     return rows
+
+
+def batch_mismatch(cfg: Config, stage: str, world_size: int) -> Optional[str]:
+    """A warning when ``world_size`` x the stage's per-process batch is not the global batch its lr was set for
+    (``solver.<stage>.global_batch``); None when they agree or none is set."""
+    solver = getattr(cfg.solver, stage)
+    batch = stage_data(cfg, stage).batch_size
+    if not solver.global_batch or batch * world_size == solver.global_batch:
+        return None
+    return (f"stage {stage.replace('_', '-')}: {world_size} process{'es' if world_size != 1 else ''} x batch {batch} "
+            f"= global batch {batch * world_size}, but its lr {solver.lr:g} is set for a global batch of "
+            f"{solver.global_batch}: set data.stages.{stage}.batch_size={max(1, solver.global_batch // world_size)} "
+            f"(or scale solver.{stage}.lr) to train the recipe as written")
 
 
 def format_recipe(cfg: Config, world_size: int = 1) -> str:

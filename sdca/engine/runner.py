@@ -22,14 +22,17 @@ from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, col
 from ..data.sampling import class_balanced_order, class_sets
 from ..method import SemanticDistribution, downsample_labels
 from ..models import load_model, read_checkpoint, save_checkpoint, set_batchnorm_mode
+from ..models.checkpoint import model_from_checkpoint
 from ..device import resolve_device
 from .builders import Stream, build_dataset, build_model_from_config, build_optimizer
 from .config import Config, save_config, to_dict
-from .distributed import DistInfo, barrier, init_distributed
+from .distributed import (DistInfo, agree_stop, barrier, broadcast_module, broadcast_tensors, check_ranks_agree,
+                          init_distributed, module_tensors)
+from . import rng
 from .evaluator import evaluate, format_table, standard_subsets
 from .loop import Checkpointer, HookBase, LRSchedule, MetricsLogger, SignalHandler, TrainLoop
 from .pseudo_label import generate_pseudo_labels
-from .recipe import stage_data, stage_transform
+from .recipe import batch_mismatch, stage_data, stage_transform
 from .steps import AdaptStep, SupervisedStep, pixel_rows, statistics_rows
 
 log = logging.getLogger("sdca")
@@ -45,9 +48,11 @@ def stream_seed(seed: int, stage: str, index: int) -> int:
 class Interrupted(Exception):
     """A stage stopped on SIGINT/SIGTERM after saving its checkpoint; rerun the same command to resume."""
 
-    def __init__(self, signal_name: str, checkpoint: str):
-        super().__init__(f"stopped by {signal_name}; saved {checkpoint}. Run the same command again to resume.")
-        self.signal_name, self.checkpoint = signal_name, checkpoint
+    def __init__(self, signal_name: str, checkpoint: str, step: Optional[int] = None):
+        after = f" after step {step}" if step is not None else ""
+        super().__init__(f"stopped by {signal_name}{after}; saved {checkpoint}. Run the same command again to "
+                         "resume.")
+        self.signal_name, self.checkpoint, self.step = signal_name, checkpoint, step
 
 
 class EvalHook(HookBase):
@@ -58,6 +63,8 @@ class EvalHook(HookBase):
         self.best = -1.0
 
     def _run(self):
+        # Each rank's batch norm saw its own batches: evaluate (sharded) with rank 0's, the ones that are saved.
+        broadcast_module(self.model, self.runner.dist, buffers_only=True)
         summary = self.runner.evaluate_val(self.model, self.stage, self.trainer.iter)
         if summary is not None and (summary["mIoU"] or 0.0) > self.best and self.runner.dist.is_main:
             self.best = summary["mIoU"]
@@ -76,8 +83,12 @@ class EvalHook(HookBase):
 
 
 class Runner:
-    def __init__(self, cfg: Config, *, progress: bool = True, init_checkpoint: Optional[str] = None):
+    def __init__(self, cfg: Config, *, progress: bool = True, init_checkpoint: Optional[str] = None,
+                 trust_checkpoint: bool = False):
+        """``trust_checkpoint``: read ``init_checkpoint`` and ``model.pretrained`` with full unpickling (files the
+        user vouches for); the run's own checkpoints are always read as weights only."""
         self.cfg, self.progress, self.init_checkpoint = cfg, progress, init_checkpoint
+        self.trust_checkpoint = trust_checkpoint
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
@@ -126,20 +137,17 @@ class Runner:
                                     f"{previous[stage]} first, or pass --init CHECKPOINT")
         return path
 
-    @staticmethod
-    def _rng_state() -> dict:
-        state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
-        return state
+    def _trusted(self, path: str) -> bool:
+        """Only the file the user passed with --init is read with the trust they gave; the run's own are not."""
+        return self.trust_checkpoint and path == self.init_checkpoint
 
-    @staticmethod
-    def _set_rng_state(state: dict) -> None:
-        random.setstate(state["python"])
-        np.random.set_state(state["numpy"])
-        torch.set_rng_state(state["torch"])
-        if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+    def _load(self, path: str):
+        return load_model(path, num_classes=self.cfg.model.num_classes, device=self.device,
+                          trusted=self._trusted(path))
+
+    def _build_model(self, train_size):
+        return build_model_from_config(self.cfg.model, train_size=train_size,
+                                       trusted=self.trust_checkpoint).to(self.device)
 
     def _dataset(self, which: str, transform, labelled_required: bool = False):
         ds_cfg = getattr(self.cfg.data, which)
@@ -198,6 +206,12 @@ class Runner:
         start, consumed, step_state = 0, {}, {}
         if os.path.isfile(last):
             ckpt = read_checkpoint(last)
+            saved_world = ckpt["extra"].get("world_size")
+            if saved_world is not None and saved_world != self.dist.world_size:
+                raise ValueError(
+                    f"{last} was written by {saved_world} process(es) and this run has {self.dist.world_size}: each "
+                    "process draws every world-size-th sample, so the resumed stage would not continue the same "
+                    f"sample sequence. Resume with {saved_world} process(es), or delete {last} to restart the stage")
             model.load_state_dict(ckpt["model"]["state_dict"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start = int(ckpt["step"])
@@ -206,8 +220,17 @@ class Runner:
             if statistics is not None:
                 for key, dist_ in statistics.items():
                     dist_.load_state_dict(ckpt["statistics"][key])
-            self._set_rng_state(ckpt["extra"]["rng"])
+            rng.restore(ckpt["extra"]["rng"])
             log.info("stage %s: resuming from %s at step %d", stage, last, start)
+        # One model on every rank: a freshly initialised head (or any state a rank built alone) is rank 0's.
+        stat_tensors = [t for s in (statistics or {}).values() for t in (s.count, s.mean, s.covariance)]
+        broadcast_module(model, self.dist)
+        broadcast_tensors(stat_tensors, self.dist)
+        check_ranks_agree(module_tensors(model) + stat_tensors, self.dist, f"the {stage} stage's starting model")
+        warning = batch_mismatch(cfg, stage.replace("-", "_"), self.dist.world_size)
+        if warning and self.dist.is_main:
+            log.warning(warning)
+            print(f"sdca: warning: {warning}", flush=True)
         step = make_step(optimizer, consumed)
         step.load_state_dict(step_state)
 
@@ -215,8 +238,8 @@ class Runner:
             save_checkpoint(path, model, config=to_dict(cfg),
                             statistics={k: v.state_dict() for k, v in (statistics or {}).items()},
                             optimizer=optimizer.state_dict(), step=iteration,
-                            extra={"stage": stage, "consumed": step.consumed(), "rng": self._rng_state(),
-                                   "step_state": step.state_dict()})
+                            extra={"stage": stage, "consumed": step.consumed(), "rng": rng.capture(),
+                                   "step_state": step.state_dict(), "world_size": self.dist.world_size})
 
         main = self.dist.is_main
         hooks = [LRSchedule(optimizer, solver.lr, solver.schedule_iters or solver.iters, cfg.solver.power),
@@ -227,10 +250,16 @@ class Runner:
                  EvalHook(self, stage, model, cfg.solver.eval_period,
                           lambda it: save(os.path.join(folder, "best.pt"), it))]
         model.train()
-        loop = TrainLoop(step, hooks, solver.iters, start)
+        agree = (lambda requested: agree_stop(requested, self.dist)) if self.dist.enabled else None
+        loop = TrainLoop(step, hooks, solver.iters, start, agree_stop=agree)
         loop.train()
+        # Rank 0's batch norm statistics are the ones saved; the ranks must hold one model at the end too.
+        broadcast_module(model, self.dist, buffers_only=True)
+        check_ranks_agree(module_tensors(model) + stat_tensors, self.dist, f"the {stage} stage's model at step "
+                          f"{loop.iter}")
         if loop.stopped_by:
-            raise Interrupted(loop.stopped_by, last)
+            barrier(self.dist)  # no rank leaves (torchrun would then end rank 0) before last.pt is written
+            raise Interrupted(loop.stopped_by, last, loop.iter)
         if main:
             save(os.path.join(folder, "final.pt"), loop.iter)
             if cfg.data.val is None:  # no val set: the final weights are the best we know
@@ -251,21 +280,30 @@ class Runner:
             batch = recipe.target_batch_size if name == "target" else recipe.batch_size
             order = None
             if name == "source" and recipe.sampling == "class_balanced":
-                # FADA's rule over the stage's whole schedule (its picks cover iters x the global batch).
-                sets = class_sets(ds, self.cfg.model.num_classes, cache_dir=self.run_dir,
-                                  progress=self.progress and self.dist.is_main)
-                order = class_balanced_order(sets, self.cfg.model.num_classes, solver.iters, seed=seed)
+                # FADA's rule, as many picks as the stage consumes: iters x the global batch.
+                order = class_balanced_order(self._class_sets(ds), self.cfg.model.num_classes, solver.iters,
+                                             seed=seed, batch=batch * self.dist.world_size)
             streams[name] = Stream(ds, batch, d.workers, seed, self.dist.rank, self.dist.world_size,
                                    consumed.get(name, 0), order=order)
         return streams
+
+    def _class_sets(self, dataset):
+        """Read once, by rank 0 (it writes the JSON cache, see class_sets); the others read that cache after a
+        barrier instead of each scanning every label file."""
+        def read():
+            return class_sets(dataset, self.cfg.model.num_classes, cache_dir=self.run_dir,
+                              progress=self.progress and self.dist.is_main)
+        sets = read() if self.dist.is_main else None
+        barrier(self.dist)
+        return sets if sets is not None else read()
 
     # ------------------------------------------------------------------------------------------ stages
     def run_source(self) -> None:
         cfg = self.cfg
         if self.init_checkpoint and self._first_stage == "source":
-            model = load_model(self.init_checkpoint, num_classes=cfg.model.num_classes, device=self.device)
+            model = self._load(self.init_checkpoint)
         else:
-            model = build_model_from_config(cfg.model, train_size=cfg.data.source_size).to(self.device)
+            model = self._build_model(cfg.data.source_size)
         source = self._dataset("source", stage_transform(cfg, "source"), labelled_required=True)
 
         def make_step(optimizer, consumed):
@@ -282,8 +320,7 @@ class Runner:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
-        model = load_model(self._input_checkpoint("init-stats"), num_classes=cfg.model.num_classes,
-                           device=self.device)
+        model = self._load(self._input_checkpoint("init-stats"))
         source = self._dataset("source", build_transform(size=cfg.data.source_size, resize=cfg.data.resize),
                                labelled_required=True)
         stats = self._new_statistics(model)
@@ -305,6 +342,8 @@ class Runner:
         # one exact pooled merge at the end gives every rank the statistics of the whole set.
         for s in stats.values():
             s.all_reduce()
+        check_ranks_agree([t for s in stats.values() for t in (s.count, s.mean, s.covariance)], self.dist,
+                          "the init-stats statistics")
         if self.dist.is_main:
             save_checkpoint(self.final_path("init-stats"), model, config=to_dict(cfg),
                             statistics={k: v.state_dict() for k, v in stats.items()}, step=0,
@@ -324,10 +363,11 @@ class Runner:
     def run_adapt(self) -> None:
         cfg = self.cfg
         path = self._input_checkpoint("adapt")
-        model = load_model(path, num_classes=cfg.model.num_classes, device=self.device)
+        ckpt = read_checkpoint(path, trusted=self._trusted(path))  # read once: weights and statistics
+        model = model_from_checkpoint(ckpt, path, num_classes=cfg.model.num_classes).to(self.device)
         set_batchnorm_mode(model, "frozen" if cfg.method.adapt_bn == "frozen" else "train")
         stats = self._new_statistics(model)
-        init = read_checkpoint(path).get("statistics") or {}
+        init = (ckpt.get("statistics") if isinstance(ckpt, dict) else None) or {}
         if "features" not in init:
             raise ValueError(f"{path} holds no semantic statistics: run stage init-stats first")
         for key in stats:
@@ -373,13 +413,12 @@ class Runner:
         if self.dist.is_main:
             summary = adapt_batchnorm(start, frames, self.final_path("adapt-bn"), size=self.cfg.data.target_size,
                                       batch_size=max(2, self.cfg.data.batch_size), device=str(self.device),
-                                      progress=self.progress)
+                                      progress=self.progress, trusted=self._trusted(start))
             self._record({"stage": "adapt-bn", "done": True, "from": start, **summary})
 
     def run_pseudo_label(self) -> None:
         cfg = self.cfg
-        model = load_model(self._input_checkpoint("pseudo-label"), num_classes=cfg.model.num_classes,
-                           device=self.device)
+        model = self._load(self._input_checkpoint("pseudo-label"))
         target = self._dataset("target", build_transform())
         if self.dist.is_main:  # one writer; the set is read three times, which is cheap next to training
             report = generate_pseudo_labels(model, target, self.stage_dir("pseudo-label"), device=self.device,
@@ -392,10 +431,9 @@ class Runner:
     def run_self_train(self) -> None:
         cfg = self.cfg
         if cfg.method.self_train_from_imagenet:
-            model = build_model_from_config(cfg.model, train_size=cfg.data.target_size).to(self.device)
+            model = self._build_model(cfg.data.target_size)
         else:
-            model = load_model(self._input_checkpoint("self-train"), num_classes=cfg.model.num_classes,
-                               device=self.device)
+            model = self._load(self._input_checkpoint("self-train"))
         if cfg.method.self_train_bn is not None and model.info.arch != "deeplabv2_vgg16":
             # The public R101 self-training trains (synced) batch norm where the earlier stages froze it.
             model = set_batchnorm_mode(model, cfg.method.self_train_bn)

@@ -12,7 +12,7 @@ from ..method.diagnostics import masked_precision_recall
 from ..models import upsample_logits
 from .batchnorm import running_stats_untouched
 from .config import MethodConfig
-from .distributed import DistInfo, average_gradients
+from .distributed import DistInfo, agree_max, average_gradients
 from .loop import check_finite
 
 IGNORE = 255
@@ -47,6 +47,24 @@ class StepBase:
         self.mismatched.update(batch.get("mismatched", ()))
         return batch
 
+    def fetch(self, iteration: int, *streams) -> List[dict]:
+        """The next batch of each stream. Under torch.distributed the ranks agree (one tiny all-reduce) that all
+        got theirs, so that a stream failing on one rank stops every rank at this step instead of leaving the
+        others waiting in the next collective."""
+        batches, error = [], None
+        try:
+            batches = [self.note(next(s)) for s in streams]
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+            error = exc
+        if self.dist.enabled:
+            failed = agree_max(self.dist.rank + 1 if error is not None else 0, self.dist)
+            if failed and error is None:
+                raise RuntimeError(f"the data stream of rank {failed - 1} failed at step {iteration + 1} (its own "
+                                   "log says why); every rank stopped")
+        if error is not None:
+            raise error
+        return batches
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -58,9 +76,11 @@ class StepBase:
     def update(self, total: torch.Tensor) -> None:
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
+            # Averaged while still scaled, then unscaled: every rank finds the same inf/NaN (or none), so all
+            # skip or all apply the step, and their loss scales stay equal.
             self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
             average_gradients(self.model, self.dist)
+            self.scaler.unscale_(self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
@@ -92,12 +112,12 @@ class SupervisedStep(StepBase):
         self.stream, self.lambda_lov = stream, lambda_lov
 
     def run_step(self, iteration: int) -> Dict[str, float]:
-        batch = self.note(next(self.stream))
+        batch, = self.fetch(iteration, self.stream)
         labels = batch["label"].to(self.device, non_blocking=True)
         with self.autocast():
             out = self.model(self.images(batch))
         terms = self.supervised_terms(out.logits, labels, self.lambda_lov)
-        check_finite(terms, iteration)
+        check_finite(terms, iteration, self.dist)
         self.update(terms["loss_ce"] + self.lambda_lov * terms.get("loss_lovasz", 0.0))
         return {k: float(v.detach()) for k, v in terms.items()}
 
@@ -183,7 +203,7 @@ class AdaptStep(StepBase):
 
     def run_step(self, iteration: int) -> Dict[str, float]:
         m = self.method
-        src, tgt = self.note(next(self.source)), self.note(next(self.target))
+        src, tgt = self.fetch(iteration, self.source, self.target)
         labels = src["label"].to(self.device, non_blocking=True)
         keep_source_out = running_stats_untouched(self.model) if m.adapt_bn == "target" else contextlib.nullcontext()
         with self.autocast():
@@ -203,7 +223,7 @@ class AdaptStep(StepBase):
             with torch.no_grad():
                 self.out_stats.update(self._stat_rows(s_log), s_labels, sync=sync)
             terms["loss_out"] = self._contrast(self.out_stats, s_log, s_labels, t_log, t_labels)
-        check_finite(terms, iteration)
+        check_finite(terms, iteration, self.dist)
         extra = {}
         if self.diagnostics_period and iteration % self.diagnostics_period == 0:
             extra = self.diagnostics(terms, [s_out.features, t_out.features], t_out.logits, t_labels,

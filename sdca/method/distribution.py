@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Iterable, Tuple
 
 import torch
-import torch.distributed as dist
+from .. import collectives
 
 from .. import ops
 from .._checks import check_labels, check_tensor
@@ -107,7 +107,7 @@ class SemanticDistribution:
         ranks are pooled first, so every rank merges the global batch and all
         ranks keep identical statistics.
         """
-        if sync and dist.is_available() and dist.is_initialized():
+        if sync and collectives.active():
             return self.merge(self.batch(features, labels).all_reduce(group))
         self._check_batch(features, labels)
         # One fused kernel: batch moments and the merge, no K x A x A temporary.
@@ -135,23 +135,23 @@ class SemanticDistribution:
         the within- and between-rank scatter, so no raw second moments (and no
         cancellation) are involved. A no-op outside torch.distributed.
         """
-        if not (dist.is_available() and dist.is_initialized()):
+        if not collectives.active():
             return self
         count = self.count.clone()
-        dist.all_reduce(count, group=group)
+        collectives.all_reduce(count, group=group)
         n_local = self.count.to(self.dtype).unsqueeze(1)
         total = count.clamp_min(1).to(self.dtype).unsqueeze(1)
         mean = self.mean * n_local
-        dist.all_reduce(mean, group=group)
+        collectives.all_reduce(mean, group=group)
         mean = mean / total
         delta = self.mean - mean
         if self.full:
             scatter = n_local.unsqueeze(2) * (self.covariance + delta.unsqueeze(2) * delta.unsqueeze(1))
-            dist.all_reduce(scatter, group=group)
+            collectives.all_reduce(scatter, group=group)
             cov = scatter / total.unsqueeze(2)
         else:
             scatter = n_local * (self.covariance + delta * delta)
-            dist.all_reduce(scatter, group=group)
+            collectives.all_reduce(scatter, group=group)
             cov = scatter / total
         self.count, self.mean, self.covariance = count, mean, cov
         return self

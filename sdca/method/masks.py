@@ -129,10 +129,11 @@ class StreamingClassMedian:
         return values.clamp(max=cap) if cap is not None else values
 
     def all_reduce(self, group=None) -> None:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.high, group=group)
-            dist.all_reduce(self.low, group=group)
+        from .. import collectives
+
+        if collectives.active():
+            collectives.all_reduce(self.high, group=group)
+            collectives.all_reduce(self.low, group=group)
             self._bucket = None
 
 

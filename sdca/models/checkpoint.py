@@ -1,7 +1,6 @@
 """Our checkpoint format, atomic writes, and load_model for every checkpoint kind we support."""
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 import torch
@@ -11,9 +10,12 @@ from .._version import __version__
 from .deeplab import DeepLabV2, ModelInfo
 from .registry import model_from_info
 from .public import import_public_checkpoint, is_public_checkpoint
+from .serialization import load_torch_file
 
 FORMAT = "sdca-checkpoint"
-FORMAT_VERSION = 1
+# 2: the RNG state in plain types and tensors (format 1 held NumPy's state tuple, read through the allowed NumPy
+# types); otherwise the same layout. Both are read.
+FORMAT_VERSION = 2
 
 
 def atomic_save(obj: Any, path: str) -> None:
@@ -36,23 +38,21 @@ def save_checkpoint(path: str, model: DeepLabV2, *, config: Optional[dict] = Non
     atomic_save(payload, path)
 
 
-def read_checkpoint(path: str) -> dict:
-    """The raw checkpoint dict of any supported kind; a clear error for anything else."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+def read_checkpoint(path: str, *, trusted: bool = False) -> dict:
+    """The raw checkpoint dict of any supported kind, read as weights only (see :mod:`sdca.models.serialization`);
+    a clear error for anything else. ``trusted=True`` lifts the refusal of files that name other Python
+    objects, for a file the user knows."""
+    return load_torch_file(path, trusted=trusted, what="checkpoint")
 
 
-def load_model(path: str, *, num_classes: Optional[int] = None, device="cpu") -> DeepLabV2:
+def load_model(path: str, *, num_classes: Optional[int] = None, device="cpu", trusted: bool = False) -> DeepLabV2:
     """A ready model in eval mode from our checkpoints or a public SDCA release file.
 
     The model carries ``model.info`` (class names, palette, input normalisation, training size).
-    ``num_classes``, when given, must match the checkpoint.
+    ``num_classes``, when given, must match the checkpoint. ``trusted``: see :func:`read_checkpoint`.
     """
-    return model_from_checkpoint(read_checkpoint(path), path, num_classes=num_classes).to(device).eval()
+    ckpt = read_checkpoint(path, trusted=trusted)
+    return model_from_checkpoint(ckpt, path, num_classes=num_classes).to(device).eval()
 
 
 def model_from_checkpoint(ckpt, path: str, *, num_classes: Optional[int] = None) -> DeepLabV2:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from .deeplab import Normalization
 from .layers import norm_layer
+from .serialization import load_torch_file
 
 BN_EPS = 1e-3
 # The TF-Lite EfficientNet-Lite input convention: (RGB in 0..255 - 127) / 128.
@@ -213,13 +214,9 @@ def lite0_weight_path() -> str:
     return path
 
 
-def lite0_state_dict(path: Optional[str] = None) -> Dict[str, torch.Tensor]:
+def lite0_state_dict(path: Optional[str] = None, trusted: bool = False) -> Dict[str, torch.Tensor]:
     """The ImageNet weights under this module's keys (every key renamed, none dropped)."""
-    path = path or lite0_weight_path()
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"{path}: not a readable PyTorch weight file ({type(exc).__name__}: {exc})") from None
+    state = load_torch_file(path or lite0_weight_path(), trusted=trusted, what="weight file")
     return {lite0_key(k): v for k, v in state.items()}
 
 

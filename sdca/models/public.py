@@ -40,7 +40,7 @@ def infer_public_arch(feature_extractor: Dict[str, torch.Tensor]) -> Tuple[str, 
 
 
 def import_public_checkpoint(source, num_classes: Optional[int] = None, class_names=None,
-                             source_name: Optional[str] = None) -> Tuple[DeepLabV2, LoadReport]:
+                             source_name: Optional[str] = None, trusted: bool = False) -> Tuple[DeepLabV2, LoadReport]:
     """Build our model from a public SDCA checkpoint (``{'feature_extractor', 'classifier', ...}``), exactly.
 
     The backbone and class count are inferred from keys and shapes; DDP's ``module.`` prefix is accepted;
@@ -49,7 +49,7 @@ def import_public_checkpoint(source, num_classes: Optional[int] = None, class_na
     mean). Every key must match in name and shape: anything else raises ValueError with the report.
     """
     name = source_name or (source if isinstance(source, str) else "<state dict>")
-    ckpt = _read(source) if isinstance(source, str) else source
+    ckpt = _read(source, trusted) if isinstance(source, str) else source
     if not is_public_checkpoint(ckpt):
         raise ValueError(f"{name}: not a public SDCA checkpoint (no 'feature_extractor' and 'classifier' entries)")
     fe, cls = _strip_module(ckpt["feature_extractor"]), _strip_module(ckpt["classifier"])

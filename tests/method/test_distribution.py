@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sdca import SemanticDistribution, estimate_semantic_distribution
+from sdca.models import load_torch_file
 
 IGNORE = 255
 
@@ -180,7 +181,7 @@ def test_all_reduce_two_processes_equals_single_process(gen, covariance):
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "state")
         mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), batches, covariance, out), nprocs=2, join=True)
-        states = [torch.load(f"{out}.{r}") for r in range(2)]
+        states = [load_torch_file(f"{out}.{r}") for r in range(2)]
     single = SemanticDistribution(K, A, covariance)
     single.update(torch.cat([f for f, _ in batches]), torch.cat([l for _, l in batches]))
     single.update(torch.cat([f * 2 + 1 for f, _ in batches]), torch.cat([l for _, l in batches]))

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import sdca
 from sdca.models import (FrozenBatchNorm2d, build_model, import_public_checkpoint, load_model,
-                         load_torchvision_weights, save_checkpoint, set_batchnorm_mode, upsample_logits)
+                         load_torchvision_weights, read_checkpoint, save_checkpoint, set_batchnorm_mode,
+                         upsample_logits)
 
 LAYOUT = json.load(open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "official_state_dict_layout.json")))
 
@@ -108,6 +109,19 @@ def test_public_checkpoint_imports_exactly(section, prefix, num_classes):
     torch.testing.assert_close(out.logits, reference_aspp(feats, cls), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("section,prefix", [("resnet101_freeze_bn_True", ""), ("resnet101_freeze_bn_False", "module."),
+                                            ("vgg16", "")])
+def test_public_release_files_load_from_disk_as_weights_only(tmp_path, section, prefix):
+    state = public_state(section, 19, prefix)
+    # As the public training script writes them: the two state dicts beside an iteration count and optimizers.
+    path = tmp_path / "model_best.pth"
+    torch.save({**state, "iteration": 40000, "optimizer_fea": {"state": {}, "param_groups": []},
+                "optimizer_cls": {"state": {}, "param_groups": []}}, path)
+    model = load_model(str(path))
+    key = next(iter(state["feature_extractor"]))
+    assert torch.equal(model.state_dict()[key[len(prefix):]], state["feature_extractor"][key])
+
+
 def test_public_checkpoint_errors(tmp_path):
     ckpt = public_state("vgg16", 19)
     with pytest.raises(ValueError, match="predicts 19 classes, expected 16"):
@@ -168,7 +182,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     with torch.no_grad():
         a, b = model(x), loaded(x)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.features, b.features)
-    raw = torch.load(path, weights_only=False)
+    raw = read_checkpoint(str(path))
     assert raw["step"] == 7 and raw["config"] == {"lr": 0.01}
     assert torch.equal(raw["statistics"]["features"]["mean"], stats["mean"])
     with pytest.raises(ValueError, match="predicts 19 classes, expected 13"):
