@@ -58,6 +58,7 @@ bench: setup
 	$(BIN)/python bench/bench_infer.py
 	$(BIN)/python bench/bench_synthdrive.py
 	$(BIN)/python bench/bench_serve.py
+	$(BIN)/python bench/bench_loader.py
 	@if [ -f runs/demo/model.onnx ]; then $(BIN)/python bench/bench_quant.py --run runs/demo; \
 	  else echo "bench_quant.py needs the demo's model: run make demo first"; fi
 

@@ -60,6 +60,17 @@ def all_reduce(tensor: torch.Tensor, op: str = "sum", group=None) -> torch.Tenso
     return _run("all_reduce", tensor, op=getattr(dist.ReduceOp, _OPS[op]), group=group)
 
 
+def all_reduce_async(tensor: torch.Tensor, group=None):
+    """Start a sum all-reduce of ``tensor`` in place and return its work handle (``.wait()``), or None when the
+    tensor is not on a device the backend takes (then it is reduced at once, through a copy) or outside a group."""
+    if not active():
+        return None
+    if _device_for(tensor) != tensor.device:
+        all_reduce(tensor, group=group)
+        return None
+    return dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group, async_op=True)
+
+
 def broadcast(tensor: torch.Tensor, src: int = 0, group=None) -> torch.Tensor:
     """In place, from rank ``src``; a no-op outside a process group."""
     if not active():

@@ -61,3 +61,15 @@ def test_quantization_benchmark_runs_on_a_demo_shaped_folder(tmp_path):
     result = json.loads(out.read_text())
     assert set(result["demo"]["rows"]) == {"float32", "int8", "int8+Resize"}
     assert "target >= 1.5x" in run.stdout and "QDQ debugging" in run.stdout
+
+
+def test_loader_benchmark_measures_every_stream_side_by_side():
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_loader.py"), "--frames", "1", "--repeats",
+                          "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines() if line.split()[:1] in (["source"], ["adapt"],
+                                                                                      ["self_train"])]
+    assert [r[:2] for r in rows] == [["source", "source"], ["adapt", "source"], ["adapt", "target"],
+                                     ["self_train", "target"]]
+    for r in rows:  # float ms, uint8 ms, and the speed-up their ratio
+        assert float(r[4].rstrip("x")) == pytest.approx(float(r[2]) / float(r[3]), rel=0.02)

@@ -12,7 +12,7 @@ _EXPORTS = {
     **{n: "sdca.data.io" for n in ("CorruptImageError", "read_rgb", "read_label", "write_png")},
     **{n: "sdca.data.labels" for n in ("CITYSCAPES", "SYNTHIA_16", "CROSS_CITY_13", "LABEL_SPACES", "IGNORE_INDEX",
                                         "LabelSpace", "label_space_for", "trainid_to_labelid")},
-    "build_transform": "sdca.data.transforms",
+    "build_transform": "sdca.data.transforms", "finish_images": "sdca.data.transforms",
 }
 __all__ = list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

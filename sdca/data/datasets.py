@@ -380,6 +380,8 @@ def collate(samples: List[dict]) -> dict:
         out["name"] = [s["name"] for s in readable]
     if all("label" in s for s in readable):
         out["label"] = torch.stack([s["label"] for s in readable])
+    if all("photometric" in s for s in readable):  # the uint8 pipeline's deferred draws (transforms.finish_images)
+        out["photometric"] = [s["photometric"] for s in readable]
     return out
 
 

@@ -132,12 +132,12 @@ class Stream:
     frames travel with the batch that is returned."""
 
     def __init__(self, dataset: Dataset, batch_size: int, workers: int, seed: int, rank: int = 0,
-                 world_size: int = 1, consumed: int = 0, order=None):
+                 world_size: int = 1, consumed: int = 0, order=None, pin_memory: bool = False):
         self.batch_size, self.consumed = batch_size, consumed
         sampler = (SampleStream(len(dataset), seed, rank, world_size, start=consumed) if order is None
                    else ListStream(order, rank, world_size, start=consumed))
         self.loader = DataLoader(SeededDataset(dataset, seed), batch_size=batch_size, sampler=sampler,
-                                 num_workers=workers, collate_fn=collate, drop_last=True,
+                                 num_workers=workers, collate_fn=collate, drop_last=True, pin_memory=pin_memory,
                                  persistent_workers=workers > 0, prefetch_factor=2 if workers > 0 else None)
         self._it = iter(self.loader)
 
@@ -153,6 +153,21 @@ class Stream:
                 return batch
         raise RuntimeError(f"10,000 batches in a row had no readable frame (e.g. {skipped[0]}): is the data "
                            "set's folder readable at all?")
+
+
+def auto_workers(device_type: str, streams: int, local_world_size: Optional[int] = None,
+                 cpus: Optional[int] = None) -> int:
+    """Loader processes per stream when data.workers is empty: on CUDA, the CPUs each GPU's process has (less
+    one for the training process itself) shared by its streams, 1 to 8 each (``bench/bench_loader.py`` gives
+    the images/s one worker delivers per stage); elsewhere 2, the count the CPU runs were measured with."""
+    if device_type != "cuda":
+        return 2
+    if local_world_size is None:
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cpus // max(1, local_world_size)
+    return max(1, min(8, (per_process - 1) // max(1, streams)))
 
 
 # ----------------------------------------------------------------------------------- model, optimizer

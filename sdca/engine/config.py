@@ -21,6 +21,7 @@ ADAPT_BN_MODES = ("frozen", "train", "target")
 RESIZE_MODES = ("bilinear", "bicubic")
 SAMPLING_MODES = ("uniform", "class_balanced")
 SCALE_BASES = ("size", "raw")
+PIPELINES = ("auto", "float", "uint8")
 STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
 # Stages a run can add after those (never in the default list): AdaBN on the target frames.
 OPTIONAL_STAGES = ("adapt-bn",)
@@ -83,7 +84,10 @@ class DataConfig:
     self_train_scale: List[float] = field(default_factory=lambda: [0.5, 1.5])
     self_train_crop: Optional[List[int]] = None  # (width, height); None: the target size
     batch_size: int = 1  # per domain, per process (the default of every stage's batch_size)
-    workers: int = 2
+    # Loader processes per stream; None: sized from the CPUs per GPU on CUDA (builders.auto_workers), 2 elsewhere.
+    workers: Optional[int] = None
+    # auto: uint8 on CUDA (resize in uint8, photometric augmentation on the device), float elsewhere | float | uint8
+    pipeline: str = "auto"
     on_corrupt: str = "skip"  # frames (or labels) that cannot be read: skip (counted, listed) | raise
     resize: str = "bilinear"  # image resizing kernel everywhere (train, evaluation, pseudo-labels): bilinear | bicubic
     stages: StagesData = field(default_factory=StagesData)
@@ -154,6 +158,13 @@ class EvalConfig:
     flip: bool = False
     scales: List[float] = field(default_factory=lambda: [1.0])
     pdd: bool = False
+    batch_size: int = 1  # frames per forward (frames of one batch must share a size, as a data set's do)
+
+
+@dataclass
+class SpeedConfig:
+    cudnn_benchmark: bool = True  # CUDA: let cuDNN pick the fastest kernels (every training stage has fixed shapes)
+    channels_last: bool = False  # model and inputs in channels-last memory format
 
 
 @dataclass
@@ -169,6 +180,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
     @property
     def run_dir(self) -> str:
@@ -324,7 +336,9 @@ def validate(cfg: Config) -> None:
     check(cfg.method.adapt_bn in ADAPT_BN_MODES, "method.adapt_bn", f"must be one of {', '.join(ADAPT_BN_MODES)}")
     check(cfg.amp in (None, "fp16", "bf16"), "amp", "must be fp16, bf16 or empty")
     check(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
-    check(cfg.data.workers >= 0, "data.workers", "must be at least 0")
+    check(cfg.data.workers is None or cfg.data.workers >= 0, "data.workers", "must be at least 0 (or empty: auto)")
+    check(cfg.data.pipeline in PIPELINES, "data.pipeline", f"must be one of {', '.join(PIPELINES)}")
+    check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
     check(cfg.data.on_corrupt in ("skip", "raise"), "data.on_corrupt", "must be skip or raise")
     check(cfg.data.resize in RESIZE_MODES, "data.resize", f"must be one of {', '.join(RESIZE_MODES)}")
     check(cfg.solver.select in ("final", "best"), "solver.select", "must be final or best")

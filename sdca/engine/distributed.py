@@ -26,10 +26,11 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    forced: bool = False  # a process group of one (SDCA_FORCE_DISTRIBUTED=1): every collective still runs
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.forced
 
     @property
     def is_main(self) -> bool:
@@ -49,22 +50,32 @@ def init_distributed(device_type: str) -> DistInfo:
     """Join the process group torchrun describes (WORLD_SIZE > 1); a single process otherwise.
 
     On CUDA the device is set before the group is made and named to it (``device_id``), so NCCL binds each rank
-    to its own GPU from the start."""
+    to its own GPU from the start. Two switches for checking the multi-GPU path on fewer GPUs (scripts/
+    train_check.sh): ``SDCA_DIST_BACKEND=gloo`` (several ranks may then share a GPU: gloo takes CUDA tensors,
+    NCCL refuses two ranks on one device) and ``SDCA_FORCE_DISTRIBUTED=1`` (a process group even for a world of
+    one, so that every collective runs, e.g. under NCCL on a single GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    forced = os.environ.get("SDCA_FORCE_DISTRIBUTED") == "1"
+    if world <= 1 and not forced:
         return DistInfo()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if os.environ.get("SDCA_STRICT_COLLECTIVES") == "1":
         collectives.install_guard()
+    backend = os.environ.get("SDCA_DIST_BACKEND") or ("nccl" if device_type == "cuda" else "gloo")
+    if backend not in ("nccl", "gloo"):
+        raise ValueError(f"SDCA_DIST_BACKEND must be nccl or gloo, got {backend!r}")
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", timeout=timeout(), device_id=torch.device("cuda", local_rank))
-        else:
-            dist.init_process_group("gloo", timeout=timeout())
-    elif device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+        if world <= 1:  # forced: a group of one, without torchrun's rendezvous variables
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29531")
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        extra = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timeout(), **extra)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, forced=forced)
 
 
 def shutdown(info: DistInfo) -> None:
@@ -72,25 +83,74 @@ def shutdown(info: DistInfo) -> None:
         dist.destroy_process_group()
 
 
-def average_gradients(model: torch.nn.Module, info: DistInfo) -> None:
-    """All-reduce the mean of every gradient, in one flat buffer.
+class BucketedGradients:
+    """Gradient averaging overlapped with backward, without a per-step flat copy (what DDP's reducer does with
+    ``gradient_as_bucket_view``, for a step that runs the model twice before one backward).
 
-    Used instead of a DistributedDataParallel wrapper because an adaptation step runs the model twice (source,
-    then target) before one backward, which DDP's reducer does not allow without extra machinery.
+    Every parameter's ``.grad`` is a view into one of a few flat buckets (about ``bucket_mb`` each, filled in
+    reverse parameter order, the order backward produces them). A parameter's post-accumulate hook counts it
+    ready; when a bucket is complete its all-reduce starts, asynchronously, while backward goes on. ``finish``
+    starts the buckets a step left incomplete (parameters it did not use), waits for all and divides by the world
+    size. ``zero`` replaces ``optimizer.zero_grad``: the views must stay the parameters' gradients.
     """
-    if not info.enabled:
-        return
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    collectives.all_reduce(flat)
-    flat.div_(info.world_size)
-    offset = 0
-    for g in grads:
-        n = g.numel()
-        g.copy_(flat[offset:offset + n].view_as(g))
-        offset += n
+
+    def __init__(self, model: torch.nn.Module, info: DistInfo, bucket_mb: float = 25.0):
+        self.info = info
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets: List[dict] = []
+        limit = int(bucket_mb * 2 ** 20)
+        current: List[torch.nn.Parameter] = []
+        for p in reversed(params):
+            if current and (sum(q.numel() * q.element_size() for q in current) + p.numel() * p.element_size() > limit
+                            or p.dtype != current[0].dtype or p.device != current[0].device):
+                self._add_bucket(current)
+                current = []
+            current.append(p)
+        if current:
+            self._add_bucket(current)
+        self.bucket_of = {id(p): b for b in self.buckets for p in b["params"]}
+        self.handles = [p.register_post_accumulate_grad_hook(self._ready) for p in params]
+
+    def _add_bucket(self, params) -> None:
+        flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        offset = 0
+        for p in params:
+            p.grad = flat[offset:offset + p.numel()].view_as(p)
+            offset += p.numel()
+        self.buckets.append({"params": params, "flat": flat, "pending": len(params), "work": None, "started": False})
+
+    def zero(self) -> None:
+        for b in self.buckets:
+            b["flat"].zero_()
+            b["pending"], b["work"], b["started"] = len(b["params"]), None, False
+            storage = b["flat"].untyped_storage().data_ptr()
+            for p in b["params"]:
+                if p.grad is None or p.grad.untyped_storage().data_ptr() != storage:
+                    raise RuntimeError("a gradient is no longer a view of its bucket (optimizer.zero_grad("
+                                       "set_to_none=True) drops the views: zero them with BucketedGradients.zero)")
+
+    def _start(self, bucket) -> None:
+        bucket["started"] = True
+        bucket["work"] = collectives.all_reduce_async(bucket["flat"])
+
+    def _ready(self, p) -> None:
+        bucket = self.bucket_of[id(p)]
+        bucket["pending"] -= 1
+        if bucket["pending"] == 0 and not bucket["started"]:
+            self._start(bucket)
+
+    def finish(self) -> None:
+        for b in self.buckets:
+            if not b["started"]:
+                self._start(b)
+        for b in self.buckets:
+            if b["work"] is not None:
+                b["work"].wait()
+            b["flat"].div_(self.info.world_size)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
 
 
 def barrier(info: DistInfo) -> None:

@@ -56,13 +56,14 @@ def predict_probabilities(model, image: torch.Tensor, out_size, size=None, scale
 def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.0,), flip: bool = False,
              save_dir: Optional[str] = None, labelid_png: bool = False, pdd_stats: Optional[SemanticDistribution] = None,
              subsets: Optional[Dict[str, Sequence[int]]] = None, dist_info: Optional[DistInfo] = None,
-             progress: bool = True, workers: int = 0, resize: str = "bilinear") -> dict:
+             progress: bool = True, workers: int = 0, resize: str = "bilinear", batch_size: int = 1) -> dict:
     """mIoU etc. of ``model`` on every item of ``dataset`` (labels at their own resolution).
 
     ``save_dir`` writes each prediction as a PNG named like the input (trainIds, or Cityscapes labelIds with
     ``labelid_png`` for the official evaluation scripts). ``pdd_stats`` adds the PDD of Eq. 25 per class,
     from stride-8 features against the statistics' class means. Under DDP every rank takes a share of the
-    images and the confusion matrices are summed.
+    images and the confusion matrices are summed. ``batch_size`` > 1 needs frames of one size (a data set of one
+    camera); predictions are still resized to each label's resolution.
     """
     from tqdm.auto import tqdm
 
@@ -72,15 +73,15 @@ def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.
     cm = ConfusionMatrix(info.num_classes, device=device)  # counted where the predictions are: no per-batch copy
     pdd = PixelDiscrimination(info.num_classes) if pdd_stats is not None else None
     indices = list(range(dist_info.rank, len(dataset), dist_info.world_size))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=1, num_workers=workers,
-                        collate_fn=collate)
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate, pin_memory=getattr(device, "type", str(device)) == "cuda")
     unreadable = []
     for batch in tqdm(loader, desc="evaluate", disable=not (progress and dist_info.is_main), dynamic_ncols=True):
         unreadable += batch["skipped"]
         if not has_images(batch):  # an unreadable frame (on_error="skip"): left out and listed
             continue
-        image = batch["image"].to(device)
-        label = batch["label"].to(device)
+        image = batch["image"].to(device, non_blocking=True)
+        label = batch["label"].to(device, non_blocking=True)
         probs, features = predict_probabilities(model, image, label.shape[-2:], size, scales, flip, resize)
         pred = probs.argmax(1)
         cm.update(pred, label)
@@ -89,10 +90,9 @@ def evaluate(model, dataset, *, device, size=None, scales: Sequence[float] = (1.
             small = downsample_labels(label, features.shape[-2:]).reshape(-1)
             pdd.update(rows, small, pdd_stats.mean.float().to(rows.device))
         if save_dir is not None:
-            out = pred[0].cpu().numpy().astype(np.uint8)
-            out = trainid_to_labelid(out) if labelid_png else out
-            name = os.path.splitext(batch["name"][0])[0] + ".png"
-            write_png(os.path.join(save_dir, name), out)
+            for one, name in zip(pred.cpu().numpy().astype(np.uint8), batch["name"]):
+                write_png(os.path.join(save_dir, os.path.splitext(name)[0] + ".png"),
+                          trainid_to_labelid(one) if labelid_png else one)
     if dist_info.enabled:
         import torch.distributed as dist
 

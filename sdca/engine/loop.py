@@ -96,11 +96,10 @@ def check_finite(losses: Dict[str, torch.Tensor], iteration: int, dist_info=None
     from .distributed import agree_max
 
     bad = None
-    for name, value in losses.items():
-        v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-        if not math.isfinite(v):
-            bad = (name, v)
-            break
+    values = [v.detach().float().reshape(()) if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+              for v in losses.values()]
+    if values and not bool(torch.isfinite(torch.stack([v.to(values[0].device) for v in values])).all()):  # one sync
+        bad = next((name, float(v)) for name, v in zip(losses, values) if not math.isfinite(float(v)))
     enabled = dist_info is not None and dist_info.enabled
     where = f" on rank {dist_info.rank}" if enabled else ""
     if enabled:
@@ -209,11 +208,11 @@ class MetricsLogger(HookBase):
             return
         t = self.trainer
         for k, v in t.losses.items():
-            self.sums[k] = self.sums.get(k, 0.0) + v
+            self.sums[k] = self.sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v)
             self.counts[k] = self.counts.get(k, 0) + 1  # per key: diagnostics come only on some steps
         self.bar.update(1)
         if t.iter % self.period == 0 or t.done or t.stopped_by:
-            means = {k: v / self.counts[k] for k, v in self.sums.items()}
+            means = {k: float(v) / self.counts[k] for k, v in self.sums.items()}  # the period's one read-back
             self.bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in means.items() if k.startswith("loss_")})
             record = {"stage": self.stage, "step": t.iter, **means, "time": round(time.time() - self.start, 2)}
             if self.path:

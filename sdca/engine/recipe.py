@@ -53,16 +53,17 @@ def stage_data(cfg: Config, stage: str) -> StageData:
                      sampling=values["sampling"])
 
 
-def stage_transform(cfg: Config, stage: str, domain: str = "source"):
+def stage_transform(cfg: Config, stage: str, domain: str = "source", uint8: bool = False):
     """The transform of ``stage``'s images of ``domain`` (adapt's target images are only resized, as the public
-    code's; self-train's target images get the self-train stage's augmentation)."""
+    code's; self-train's target images get the self-train stage's augmentation). ``uint8``: the pipeline that
+    feeds a GPU (see :mod:`sdca.data.transforms`)."""
     r = stage_data(cfg, stage)
     resize = cfg.data.resize
     if stage == "adapt" and domain == "target":
-        return build_transform(size=cfg.data.target_size, resize=resize)
+        return build_transform(size=cfg.data.target_size, resize=resize, uint8=uint8)
     size = cfg.data.target_size if stage == "self_train" else cfg.data.source_size
     return build_transform(size=None if r.scale_base == "raw" else size, scale=r.scale, crop=r.crop, flip=r.flip,
-                           jitter=r.jitter, grayscale=r.grayscale, blur=r.blur, resize=resize)
+                           jitter=r.jitter, grayscale=r.grayscale, blur=r.blur, resize=resize, uint8=uint8)
 
 
 def _bn(cfg: Config, stage: str) -> str:

@@ -18,13 +18,13 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate, has_images
+from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate, finish_images, has_images
 from ..data.sampling import class_balanced_order, class_sets
 from ..method import SemanticDistribution, downsample_labels
 from ..models import load_model, read_checkpoint, save_checkpoint, set_batchnorm_mode
 from ..models.checkpoint import model_from_checkpoint
 from ..device import resolve_device
-from .builders import Stream, build_dataset, build_model_from_config, build_optimizer
+from .builders import Stream, auto_workers, build_dataset, build_model_from_config, build_optimizer
 from .config import Config, save_config, to_dict
 from .distributed import (DistInfo, agree_stop, barrier, broadcast_module, broadcast_tensors, check_ranks_agree,
                           init_distributed, module_tensors)
@@ -92,7 +92,7 @@ class Runner:
         self.device = resolve_device(cfg.device)
         self.dist: DistInfo = init_distributed(self.device.type)
         if self.dist.enabled and self.device.type == "cuda":
-            self.device = torch.device("cuda", self.dist.local_rank)
+            self.device = torch.device("cuda", torch.cuda.current_device())  # the one init_distributed set
         self.run_dir = cfg.run_dir
         if self.dist.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -103,6 +103,13 @@ class Runner:
             log.setLevel(logging.INFO)
         self.metrics_path = os.path.join(self.run_dir, "metrics.jsonl") if self.dist.is_main else None
         self._first_stage = cfg.stages[0] if cfg.stages else None
+        cuda = self.device.type == "cuda"
+        # The GPU's loader: uint8 frames (resized in uint8), photometric augmentation applied on the device, pinned
+        # host memory; the CPU keeps the float pipeline its SynthDrive figures were measured with.
+        self.uint8 = cfg.data.pipeline == "uint8" or (cfg.data.pipeline == "auto" and cuda)
+        self.pin_memory = cuda
+        if cuda and cfg.speed.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True  # every training stage feeds fixed shapes
 
     # ---------------------------------------------------------------------------------------- helpers
     def stage_dir(self, stage: str) -> str:
@@ -149,6 +156,11 @@ class Runner:
         return build_model_from_config(self.cfg.model, train_size=train_size,
                                        trusted=self.trust_checkpoint).to(self.device)
 
+    def _workers(self, streams: int) -> int:
+        if self.cfg.data.workers is not None:
+            return self.cfg.data.workers
+        return auto_workers(self.device.type, streams)
+
     def _dataset(self, which: str, transform, labelled_required: bool = False):
         ds_cfg = getattr(self.cfg.data, which)
         dataset = build_dataset(ds_cfg, self.cfg.model.num_classes, transform, self.cfg.data.on_corrupt,
@@ -164,7 +176,8 @@ class Runner:
         size = self.cfg.eval.size or self.cfg.data.target_size
         summary = evaluate(model, val, device=self.device, size=size, scales=self.cfg.eval.scales,
                            flip=self.cfg.eval.flip, subsets=self._subsets(), dist_info=self.dist,
-                           progress=self.progress, resize=self.cfg.data.resize)
+                           progress=self.progress, resize=self.cfg.data.resize, batch_size=self.cfg.eval.batch_size,
+                           workers=self._workers(1) if self.device.type == "cuda" else 0)
         if self.dist.is_main:
             log.info("%s step %d:\n%s", stage, step, format_table(summary))
             self._record({"stage": stage, "step": step, "eval": summary})
@@ -231,8 +244,11 @@ class Runner:
         if warning and self.dist.is_main:
             log.warning(warning)
             print(f"sdca: warning: {warning}", flush=True)
+        if cfg.speed.channels_last:  # before the step exists: its gradient buckets view the converted weights
+            model.to(memory_format=torch.channels_last)
         step = make_step(optimizer, consumed)
         step.load_state_dict(step_state)
+        step.channels_last = cfg.speed.channels_last
 
         def save(path, iteration):
             save_checkpoint(path, model, config=to_dict(cfg),
@@ -264,15 +280,15 @@ class Runner:
             save(os.path.join(folder, "final.pt"), loop.iter)
             if cfg.data.val is None:  # no val set: the final weights are the best we know
                 shutil.copyfile(os.path.join(folder, "final.pt"), os.path.join(folder, "best.pt"))
-        summary = {"stage": stage, "done": True, "steps": loop.iter, "losses": loop.losses}
+        losses = {k: float(v) for k, v in loop.losses.items()}
+        summary = {"stage": stage, "done": True, "steps": loop.iter, "losses": losses}
         self._record(summary)
         self._report_data(stage, step.unreadable, step.mismatched)
-        log.info("stage %s: done after %d steps, last losses %s", stage, loop.iter, loop.losses)
+        log.info("stage %s: done after %d steps, last losses %s", stage, loop.iter, losses)
 
     def _streams(self, stage: str, consumed: dict, solver, **datasets) -> dict:
         """One Stream per domain, with the stage's batch sizes and sampling. Each stage and domain draws its own
         sample order: adaptation must not replay the warm-up's sequence."""
-        d = self.cfg.data
         recipe = stage_data(self.cfg, stage.replace("-", "_"))
         streams = {}
         for i, (name, ds) in enumerate(datasets.items()):
@@ -283,8 +299,9 @@ class Runner:
                 # FADA's rule, as many picks as the stage consumes: iters x the global batch.
                 order = class_balanced_order(self._class_sets(ds), self.cfg.model.num_classes, solver.iters,
                                              seed=seed, batch=batch * self.dist.world_size)
-            streams[name] = Stream(ds, batch, d.workers, seed, self.dist.rank, self.dist.world_size,
-                                   consumed.get(name, 0), order=order)
+            streams[name] = Stream(ds, batch, self._workers(len(datasets)), seed, self.dist.rank,
+                                   self.dist.world_size, consumed.get(name, 0), order=order,
+                                   pin_memory=self.pin_memory)
         return streams
 
     def _class_sets(self, dataset):
@@ -304,7 +321,7 @@ class Runner:
             model = self._load(self.init_checkpoint)
         else:
             model = self._build_model(cfg.data.source_size)
-        source = self._dataset("source", stage_transform(cfg, "source"), labelled_required=True)
+        source = self._dataset("source", stage_transform(cfg, "source", uint8=self.uint8), labelled_required=True)
 
         def make_step(optimizer, consumed):
             streams = self._streams("source", consumed, cfg.solver.source, source=source)
@@ -321,12 +338,14 @@ class Runner:
 
         cfg = self.cfg
         model = self._load(self._input_checkpoint("init-stats"))
-        source = self._dataset("source", build_transform(size=cfg.data.source_size, resize=cfg.data.resize),
-                               labelled_required=True)
+        source = self._dataset("source", build_transform(size=cfg.data.source_size, resize=cfg.data.resize,
+                                                         uint8=self.uint8), labelled_required=True)
         stats = self._new_statistics(model)
         indices = list(range(self.dist.rank, len(source), self.dist.world_size))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=cfg.data.batch_size,
-                                             num_workers=cfg.data.workers, collate_fn=collate)
+        # No gradients here: eval.batch_size frames per forward; the statistics accumulate in float64 either way.
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=cfg.eval.batch_size,
+                                             num_workers=self._workers(1), collate_fn=collate,
+                                             pin_memory=self.pin_memory)
         normalize = model.info.normalization
         unreadable, mismatched = set(), set()
         for batch in tqdm(loader, desc="init-stats", disable=not (self.progress and self.dist.is_main)):
@@ -334,7 +353,7 @@ class Runner:
             mismatched.update(batch["mismatched"])
             if not has_images(batch):
                 continue
-            out = model(normalize(batch["image"].to(self.device)))
+            out = model(normalize(finish_images(batch["image"].to(self.device, non_blocking=True))))
             labels = downsample_labels(batch["label"].to(self.device), out.features.shape[-2:]).reshape(-1)
             stats["features"].update(self._stat_rows(out.features), labels)
             stats["outputs"].update(self._stat_rows(out.logits), labels)
@@ -372,8 +391,8 @@ class Runner:
             raise ValueError(f"{path} holds no semantic statistics: run stage init-stats first")
         for key in stats:
             stats[key].load_state_dict(init[key])
-        source = self._dataset("source", stage_transform(cfg, "adapt"), labelled_required=True)
-        target = self._dataset("target", stage_transform(cfg, "adapt", "target"))
+        source = self._dataset("source", stage_transform(cfg, "adapt", uint8=self.uint8), labelled_required=True)
+        target = self._dataset("target", stage_transform(cfg, "adapt", "target", uint8=self.uint8))
 
         def make_step(optimizer, consumed):
             streams = self._streams("adapt", consumed, cfg.solver.adapt, source=source, target=target)
@@ -423,7 +442,7 @@ class Runner:
         if self.dist.is_main:  # one writer; the set is read three times, which is cheap next to training
             report = generate_pseudo_labels(model, target, self.stage_dir("pseudo-label"), device=self.device,
                                             size=cfg.data.target_size, cap=cfg.method.threshold_cap,
-                                            progress=self.progress, workers=cfg.data.workers,
+                                            progress=self.progress, workers=self._workers(1),
                                             resize=cfg.data.resize)
             self._record({"stage": "pseudo-label", "done": True, "ignored_share": report["ignored_share"]})
             self._report_data("pseudo-label", report["unreadable"])
@@ -448,7 +467,8 @@ class Runner:
         target = self._dataset("target", None)
         names = [n for n in target.names if n not in unlabelled]
         space = LabelSpace("model", tuple(model.info.class_names), tuple(model.info.palette))
-        labelled = PseudoLabelled(target.image_root, names, label_dir, space, stage_transform(cfg, "self_train"),
+        labelled = PseudoLabelled(target.image_root, names, label_dir, space,
+                                  stage_transform(cfg, "self_train", uint8=self.uint8),
                                   cfg.data.on_corrupt)
 
         def make_step(optimizer, consumed):

@@ -2,17 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..data.transforms import finish_images
 from ..method import SemanticDistribution, downsample_labels, lovasz_softmax, sdca_loss, target_mask
 from ..method.diagnostics import masked_precision_recall
 from ..models import upsample_logits
 from .batchnorm import running_stats_untouched
 from .config import MethodConfig
-from .distributed import DistInfo, agree_max, average_gradients
+from .distributed import BucketedGradients, DistInfo, agree_max
 from .loop import check_finite
 
 IGNORE = 255
@@ -32,12 +34,17 @@ def statistics_rows(rows: torch.Tensor, variant: str) -> torch.Tensor:
 
 
 class StepBase:
+    channels_last = False  # set by the runner from speed.channels_last (which converts the model too)
+    data_wait = 0.0  # seconds the last step waited for its batches (logged as time_data)
+
     def __init__(self, model, optimizer, device: torch.device, amp: Optional[str], dist_info: DistInfo):
         self.model, self.optimizer, self.device, self.dist = model, optimizer, device, dist_info
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp) if amp else None
         use_scaler = self.amp_dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.normalize = model.info.normalization
+        # Under DDP the gradient all-reduce runs bucket by bucket during backward (see BucketedGradients).
+        self.grads = BucketedGradients(model, dist_info) if dist_info.enabled else None
         # Frames skipped because they could not be decoded, and pairs whose label was resized to its image, as
         # the batches report them (their names travel with the batch, from whichever worker read them).
         self.unreadable, self.mismatched = set(), set()
@@ -52,10 +59,12 @@ class StepBase:
         got theirs, so that a stream failing on one rank stops every rank at this step instead of leaving the
         others waiting in the next collective."""
         batches, error = [], None
+        start = time.perf_counter()
         try:
             batches = [self.note(next(s)) for s in streams]
         except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
             error = exc
+        self.data_wait = time.perf_counter() - start  # logged as time_data: the step's wait for its batches
         if self.dist.enabled:
             failed = agree_max(self.dist.rank + 1 if error is not None else 0, self.dist)
             if failed and error is None:
@@ -71,21 +80,30 @@ class StepBase:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def images(self, batch: dict) -> torch.Tensor:
-        return self.normalize(batch["image"].to(self.device, non_blocking=True))
+        """The batch on the device as the model reads it: uint8 frames made float and given their deferred
+        photometric augmentation there (the uint8 pipeline), then normalised."""
+        x = finish_images(batch["image"].to(self.device, non_blocking=True), batch.get("photometric"))
+        x = self.normalize(x)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def update(self, total: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.grads is not None:
+            self.grads.zero()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             # Averaged while still scaled, then unscaled: every rank finds the same inf/NaN (or none), so all
             # skip or all apply the step, and their loss scales stay equal.
             self.scaler.scale(total).backward()
-            average_gradients(self.model, self.dist)
+            if self.grads is not None:
+                self.grads.finish()
             self.scaler.unscale_(self.optimizer)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             total.backward()
-            average_gradients(self.model, self.dist)
+            if self.grads is not None:
+                self.grads.finish()
             self.optimizer.step()
 
     def supervised_terms(self, logits: torch.Tensor, labels: torch.Tensor, lambda_lov: float) -> Dict[str, torch.Tensor]:
@@ -119,7 +137,9 @@ class SupervisedStep(StepBase):
         terms = self.supervised_terms(out.logits, labels, self.lambda_lov)
         check_finite(terms, iteration, self.dist)
         self.update(terms["loss_ce"] + self.lambda_lov * terms.get("loss_lovasz", 0.0))
-        return {k: float(v.detach()) for k, v in terms.items()}
+        out = {k: v.detach() for k, v in terms.items()}  # read back once per log period (MetricsLogger)
+        out["time_data"] = self.data_wait
+        return out
 
 
 class AdaptStep(StepBase):
@@ -231,7 +251,8 @@ class AdaptStep(StepBase):
         total = (terms["loss_ce"] + m.lambda_lov * terms.get("loss_lovasz", 0.0)
                  + m.lambda_feat * terms["loss_feat"] + m.lambda_out * terms.get("loss_out", 0.0))
         self.update(total)
-        out = {k: float(v.detach()) for k, v in terms.items()}
-        out["target_labelled"] = float((t_labels != IGNORE).float().mean())
+        out = {k: v.detach() for k, v in terms.items()}  # read back once per log period (MetricsLogger)
+        out["target_labelled"] = (t_labels != IGNORE).float().mean()
+        out["time_data"] = self.data_wait
         out.update(extra)
         return out

@@ -65,3 +65,41 @@ def test_no_sdca_module_calls_a_tensor_collective_directly():
                     if pattern.search(line):
                         offenders.append(f"{path}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def _bucket_worker(rank, init, out):
+    from sdca.engine.distributed import BucketedGradients, DistInfo
+    from sdca.models import build_model
+
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # one model on both ranks
+        model = build_model("deeplabv2_small", 19, width=2, bn="frozen")
+        torch.manual_seed(100 + rank)  # each rank its own batch
+        x = torch.randn(2, 3, 32, 48)
+        # Each rank's own gradient, without any averaging, for the test to average itself.
+        model.zero_grad(set_to_none=True)
+        out_a, out_b = model(x), model(x.flip(-1))  # two forwards before one backward, as the adaptation step
+        (out_a.logits.square().mean() + out_b.features.mean()).backward()
+        local = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        grads = BucketedGradients(model, DistInfo(rank, 2, rank), bucket_mb=0.01)  # many buckets
+        for _ in range(2):  # twice: zero() must reset what the first pass left
+            grads.zero()
+            out_a, out_b = model(x), model(x.flip(-1))
+            (out_a.logits.square().mean() + out_b.features.mean()).backward()
+            grads.finish()
+        torch.save({"local": local, "averaged": {n: p.grad.clone() for n, p in model.named_parameters()},
+                    "buckets": len(grads.buckets)}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bucketed_gradients_are_the_mean_of_the_ranks_gradients(tmp_path):
+    mp.spawn(_bucket_worker, args=(str(tmp_path / "init"), str(tmp_path / "g")), nprocs=2, join=True)
+    r0, r1 = (torch.load(f"{tmp_path / 'g'}.{r}", weights_only=True) for r in range(2))
+    assert r0["buckets"] > 3
+    for name, g in r0["local"].items():
+        mean = (g.double() + r1["local"][name].double()) / 2
+        assert torch.equal(r0["averaged"][name], r1["averaged"][name]), name  # the ranks agree to the bit
+        torch.testing.assert_close(r0["averaged"][name].double(), mean, rtol=1e-5, atol=1e-7, msg=name)

@@ -208,3 +208,20 @@ def test_an_overflow_on_one_rank_is_skipped_on_every_rank(tmp_path):
     states = [torch.load(f"{tmp_path / 'state'}.{r}", weights_only=True) for r in range(2)]
     assert not states[0]["changed"] and not states[1]["changed"]  # both skipped the step
     assert states[0]["scale"] == states[1]["scale"] == 512.0  # and both backed the scale off once
+
+
+def test_a_forced_world_of_one_runs_every_collective_and_trains_the_same(tiny_data):
+    """SDCA_FORCE_DISTRIBUTED=1 (how scripts/train_check.sh puts every collective on NCCL with one GPU): a process
+    group of one, every agreement and all-reduce run (through the guard), and the result is the plain run's."""
+    tmp, config = tiny_data
+    config = {**config, "stages": ["source", "init-stats", "adapt"]}
+    Runner(load_config(None, [], **{**config, "name": "plain"}), progress=False).train()
+    exe = shutil.which("sdca", path=os.path.dirname(sys.executable))
+    forced = subprocess.run([exe, "train", write(tmp, config, "forced"), "--quiet"], capture_output=True, text=True,
+                            timeout=240, env={**env(), "SDCA_FORCE_DISTRIBUTED": "1", "MASTER_PORT": "29533"})
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    a = read_checkpoint(str(tmp / "runs" / "plain" / "adapt" / "final.pt"))
+    b = read_checkpoint(str(tmp / "runs" / "forced" / "adapt" / "final.pt"))
+    for key, value in a["model"]["state_dict"].items():
+        torch.testing.assert_close(b["model"]["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+    assert b["extra"]["world_size"] == 1

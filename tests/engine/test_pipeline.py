@@ -254,3 +254,30 @@ def test_a_per_stage_recipe_runs_every_stage(tiny_data):
     assert (folder / "self-train" / "final.pt").exists()
     assert len(list((tmp / "sim" / "labels").glob("class_sets-*.json"))) == 1
     assert read_checkpoint(str(folder / "self-train" / "final.pt"))["model"]["info"]["bn"] == "train"
+
+
+def test_the_uint8_pipeline_trains_like_the_float_one(tiny_data):
+    """data.pipeline=uint8 (the GPU's loader: uint8 frames, photometric augmentation applied in the step) on the
+    CPU: every stage runs, and the first source step's losses match the float pipeline's up to the rounding."""
+    tmp, config = tiny_data
+    records = {}
+    for pipeline in ("float", "uint8"):
+        run(config, name=pipeline, stages=["source", "init-stats", "adapt"],
+            data={**config["data"], "pipeline": pipeline, "stages": {"source": {"jitter": True, "blur": True}}})
+        lines = [json.loads(x) for x in (tmp / "runs" / pipeline / "metrics.jsonl").read_text().splitlines()]
+        records[pipeline] = [r for r in lines if r.get("stage") == "source" and r.get("step") == 1][0]
+        assert (tmp / "runs" / pipeline / "adapt" / "final.pt").is_file()
+    for term in ("loss_ce", "loss_lovasz"):
+        assert records["uint8"][term] == pytest.approx(records["float"][term], rel=1e-2), term
+
+
+def test_channels_last_trains_the_same_model(tiny_data):
+    """speed.channels_last changes the memory layout only: the weights after a few steps agree with the default
+    layout's to float round-off."""
+    tmp, config = tiny_data
+    for name, on in (("nchw", False), ("nhwc", True)):
+        run(config, name=name, stages=["source"], speed={"channels_last": on})
+    a = read_checkpoint(str(tmp / "runs" / "nchw" / "source" / "final.pt"))["model"]["state_dict"]
+    b = read_checkpoint(str(tmp / "runs" / "nhwc" / "source" / "final.pt"))["model"]["state_dict"]
+    for key, value in a.items():
+        torch.testing.assert_close(b[key].contiguous(), value, rtol=1e-4, atol=1e-5, msg=key)
