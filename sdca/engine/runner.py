@@ -342,8 +342,10 @@ class Runner:
                                                          uint8=self.uint8), labelled_required=True)
         stats = self._new_statistics(model)
         indices = list(range(self.dist.rank, len(source), self.dist.world_size))
-        # No gradients here: eval.batch_size frames per forward; the statistics accumulate in float64 either way.
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=cfg.eval.batch_size,
+        # No gradients here: data.batch_size or eval.batch_size frames per forward, whichever is larger (the paper
+        # presets leave data.batch_size at 1 and batch evaluation by 4); the statistics accumulate in float64.
+        batch = max(cfg.data.batch_size, cfg.eval.batch_size)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(source, indices), batch_size=batch,
                                              num_workers=self._workers(1), collate_fn=collate,
                                              pin_memory=self.pin_memory)
         normalize = model.info.normalization
