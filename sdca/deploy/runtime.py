@@ -5,7 +5,7 @@ from typing import Optional
 
 import numpy as np
 
-from sdca_serve.runtime import OnnxSegmenter, preprocess, resolve_providers  # noqa: F401  (re-exported)
+from sdca_serve.runtime import OnnxSegmenter, open_runtime, preprocess, resolve_providers  # noqa: F401  (re-exported)
 
 
 class TorchSegmenter:
@@ -37,14 +37,19 @@ class TorchSegmenter:
 
 
 def open_segmenter(model: str, backend: Optional[str] = None, *, providers=None, device: str = "auto",
-                   threads: int = 0, trusted: bool = False):
-    """An .onnx file -> ONNX Runtime; anything else (a checkpoint) -> PyTorch; ``backend`` overrides.
-    ``trusted``: a checkpoint is read with full unpickling (see :func:`sdca.models.read_checkpoint`)."""
+                   threads: int = 0, trusted: bool = False, precision: str = "f32"):
+    """An .onnx file -> ONNX Runtime; anything else (a checkpoint) -> PyTorch; ``backend`` overrides (openvino:
+    OpenVINO's CPU plugin at ``precision`` f32 or bf16). ``trusted``: a checkpoint is read with full unpickling
+    (see :func:`sdca.models.read_checkpoint`)."""
     backend = backend or ("onnxruntime" if model.lower().endswith(".onnx") else "pytorch")
-    if backend == "onnxruntime":
-        return OnnxSegmenter(model, providers, device, threads)
+    if backend == "openvino" and not model.lower().endswith(".onnx"):
+        raise ValueError("the openvino backend runs exported .onnx models: export the checkpoint first")
+    if backend in ("onnxruntime", "openvino"):
+        return open_runtime(model, backend, providers, device, threads, precision)
+    if precision != "f32":
+        raise ValueError("--precision applies to the openvino backend only")
     if backend == "pytorch":
         if providers:
             raise ValueError("--providers applies to the onnxruntime backend only")
         return TorchSegmenter(model, device, trusted)
-    raise ValueError(f"backend must be onnxruntime or pytorch, got {backend!r}")
+    raise ValueError(f"backend must be onnxruntime, openvino or pytorch, got {backend!r}")

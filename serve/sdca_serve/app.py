@@ -6,8 +6,8 @@ the serving size (bilinear) so that any requests can share a batch; labels come 
 (nearest). Errors are JSON ``{"error": ..., "status": ...}`` with 413, 415, 422 or 503.
 """
 # No `from __future__ import annotations` here: FastAPI reads the endpoint annotations at run time.
-from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -27,6 +27,8 @@ class ServeSettings:
     providers: Optional[Sequence[str]] = None
     device: str = "auto"
     threads: int = 0
+    runtime: str = "onnxruntime"  # onnxruntime | openvino
+    precision: str = "f32"  # openvino: f32 | bf16
 
 
 def serving_size(settings: ServeSettings, info) -> Optional[Tuple[int, int]]:
@@ -47,7 +49,9 @@ _ERROR = {"content": {"application/json": {"schema": _ERROR_SCHEMA}}}
 # The body is the encoded image itself (not a form): declared here, since the handler reads the raw request,
 # so that the OpenAPI document tells generated clients and fuzzers what to send.
 SEGMENT_OPENAPI = {"requestBody": {
-    "required": True, "description": "The encoded image (PNG, JPEG, BMP, WebP, TIFF or PPM) as the raw body.",
+    "required": True, "description": "The encoded image (PNG, JPEG, BMP, WebP, TIFF or PPM) as the raw body, of any "
+                                    "size when the service has a serving size (GET /metadata: input.size), else at "
+                                    "least 16 pixels a side.",
     "content": {t: {"schema": {"type": "string", "format": "binary"}} for t in IMAGE_TYPES}}}
 SEGMENT_RESPONSES = {
     200: {"description": "labels: a PNG of class indices (one byte per pixel, 255 none); color: a PNG in the class "
@@ -74,12 +78,17 @@ def create_app(settings: ServeSettings, segmenter=None):
     from starlette.concurrency import run_in_threadpool
 
     from . import __version__
-    from .runtime import OnnxSegmenter
 
     if segmenter is None:
-        segmenter = OnnxSegmenter(settings.model, settings.providers, settings.device, settings.threads)
+        from .runtime import open_runtime
+
+        segmenter = open_runtime(settings.model, settings.runtime, settings.providers, settings.device,
+                                 settings.threads, settings.precision)
     info = segmenter.info
     size = serving_size(settings, info)
+    # Every frame is resized to a known serving size, so any decodable image is served, a 1x1 one too; the
+    # minimum side only guards a model that runs each frame at its own size (the network's stride needs room).
+    limits = replace(settings.limits, min_side=1) if size is not None else settings.limits
     batcher = DynamicBatcher(lambda frames: segmenter.predict(frames)[0], max_batch=settings.max_batch,
                              max_wait_ms=settings.max_wait_ms, queue_size=settings.queue_size)
 
@@ -133,12 +142,13 @@ def create_app(settings: ServeSettings, segmenter=None):
 
     @app.post("/segment", summary="Segment one encoded image", openapi_extra=SEGMENT_OPENAPI,
               responses=SEGMENT_RESPONSES)
-    async def segment(request: Request, output: str = Query("labels", description="labels | color | json")):
+    async def segment(request: Request,
+                      output: Literal["labels", "color", "json"] = Query("labels", description="labels | color | json")):
         if output not in OUTPUTS:
             raise RequestError(422, f"output must be one of {', '.join(OUTPUTS)}, got {output!r}")
         check_content_type(request.headers.get("content-type"))
         body = await _read_body(request, settings.limits.max_bytes)
-        frame = await run_in_threadpool(decode_image, body, settings.limits)
+        frame = await run_in_threadpool(decode_image, body, limits)
         height, width = frame.shape[:2]
         resized = frame if size is None else await run_in_threadpool(resize_rgb, frame, size)
         try:

@@ -90,3 +90,69 @@ class OnnxSegmenter:
             return out.argmax(1).astype(np.uint8), None
         labels, conf = _softmax_max(out.astype(np.float32), self.info.output == "probs")
         return labels, conf
+
+
+PRECISIONS = ("f32", "bf16")
+
+
+class OpenVinoSegmenter:
+    """The same interface on OpenVINO's CPU plugin: the exported ONNX file read as it is (a QDQ-quantized export
+    runs as INT8), the metadata and pre-processing of ONNX Runtime's path. ``precision``: f32, or bf16 (OpenVINO's
+    inference precision hint) where the CPU reports BF16; an INT8 model is INT8 whatever the hint."""
+
+    backend = "openvino"
+
+    def __init__(self, path: str, precision: str = "f32", threads: int = 0):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise ValueError("the openvino runtime needs the openvino package: pip install 'sdca[openvino]'") from None
+        import onnxruntime as ort
+
+        from .metadata import session_metadata
+
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        core = ov.Core()
+        if precision == "bf16" and "BF16" not in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            raise ValueError("this CPU does not report BF16 to OpenVINO: use --precision f32")
+        try:
+            model = core.read_model(path)
+        except Exception as exc:  # noqa: BLE001 - OpenVINO's own message, under the file's name
+            raise ValueError(f"{path}: OpenVINO cannot read this model ({type(exc).__name__}: {exc})") from None
+        # The metadata, read as ONNX Runtime reads it (OpenVINO does not keep ONNX metadata_props).
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        self.info = session_metadata(ort.InferenceSession(path, options, providers=["CPUExecutionProvider"]),
+                                     where=path)
+        config = {"INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        self.compiled = core.compile_model(model, "CPU", config)
+        self.request = self.compiled.create_infer_request()
+        self.precision = precision
+        self.providers = [f"openvino CPU ({precision})"]
+
+    def predict(self, frames: np.ndarray, confidence: bool = False):
+        out = self.request.infer({0: preprocess(frames, self.info)})[self.compiled.output(0)]
+        if self.info.output == "labels":
+            if confidence:
+                raise ValueError("this model was exported with in-graph argmax (--output labels): it has no "
+                                 "confidences; export with --output logits or probs for --confidence")
+            return np.asarray(out).astype(np.uint8), None
+        out = np.asarray(out)
+        if not confidence:
+            return out.argmax(1).astype(np.uint8), None
+        return _softmax_max(out.astype(np.float32), self.info.output == "probs")
+
+
+def open_runtime(model: str, runtime: str = "onnxruntime", providers=None, device: str = "auto", threads: int = 0,
+                 precision: str = "f32"):
+    """The segmenter of a runtime: ONNX Runtime (providers, device) or OpenVINO's CPU plugin (precision)."""
+    if runtime == "openvino":
+        return OpenVinoSegmenter(model, precision, threads)
+    if runtime != "onnxruntime":
+        raise ValueError(f"runtime must be onnxruntime or openvino, got {runtime!r}")
+    if precision != "f32":
+        raise ValueError("precision applies to the openvino runtime only")
+    return OnnxSegmenter(model, providers, device, threads)

@@ -87,3 +87,31 @@ def test_cpp_consumer(lite0, consumer, tmp_path):  # noqa: F811
     assert run.returncode == 0, run.stderr
     got = np.asarray(Image.open(tmp_path / "l.png"))
     assert (got == _expected(static, frames / "1.png")).mean() >= 0.999
+
+
+def test_relu6_is_one_clip_node_except_for_opencv(tmp_path):
+    """The dynamic export (ONNX Runtime, OpenVINO, TensorRT, Triton) writes ReLU6 as Clip(0, 6); the fixed-size
+    export for OpenCV's importer as relu(x) - relu(x - 6); both match PyTorch (export's parity check), and
+    --describe says which."""
+    import onnx
+
+    from sdca.deploy.sidecar import describe
+
+    torch.manual_seed(0)
+    model = build_model("deeplabv2_lite0", 19, bn="train", train_size=(64, 32)).eval()
+    ckpt = tmp_path / "lite0.pt"
+    save_checkpoint(str(ckpt), model)
+    counts = {}
+    for name, kwargs in (("dynamic", {}), ("static", {"static_size": (64, 32)}),
+                         ("forced", {"relu6": "relu-difference"})):
+        path = tmp_path / f"{name}.onnx"
+        report = export_onnx(str(ckpt), str(path), parity_shapes=((1, 33, 65),), **kwargs)
+        assert all(p["label_agreement"] >= 0.999 for p in report["parity"])
+        ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+        counts[name] = (ops.count("Clip"), ops.count("Sub"), report["relu6"], describe(str(path))["relu6"])
+    relu6_layers = counts["dynamic"][0]
+    assert relu6_layers >= 30  # stem + every block's expansion and depthwise activations
+    assert counts["dynamic"][1:] == (0, "clip", "clip")
+    assert counts["static"][0] == 0 and counts["static"][1] >= relu6_layers
+    assert counts["static"][2:] == ("relu-difference", "relu-difference")
+    assert counts["forced"][0] == 0 and counts["forced"][2] == "relu-difference"
