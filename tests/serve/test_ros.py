@@ -124,6 +124,7 @@ class Peer:
                                                                          reliability=ReliabilityPolicy.RELIABLE))
         best_effort = QoSProfile(depth=100, reliability=ReliabilityPolicy.BEST_EFFORT)
         self.got = {"labels": {}, "color": {}}
+        self.sent = 0
         for which in self.got:
             self.node.create_subscription(Image, f"segmentation/{which}",
                                           lambda m, w=which: self.got[w].__setitem__(m.header.frame_id, m),
@@ -160,6 +161,7 @@ class Peer:
         m.step = (array.shape[1] * (array.shape[2] if array.ndim == 3 else 1)) if step is None else step
         m.data = np.ascontiguousarray(array).tobytes()
         self.pub.publish(m)
+        self.sent += 1
 
     def answer(self, frame_id, timeout=20):
         end = time.time() + timeout
@@ -279,8 +281,11 @@ def test_malformed_messages_are_skipped_and_a_burst_keeps_the_newest(exported, r
         peer.close()
         assert node.stop() == 0, node.text()
     stats = json.loads(node.text().split("stopped: ", 1)[1].splitlines()[0])
-    assert stats["malformed"] == 3 and stats["dropped"] > 0
+    assert stats["malformed"] == 3
     assert stats["processed"] + stats["dropped"] + stats["malformed"] == stats["received"]
+    # What was not answered was dropped for a newer frame: by the node (counted) or already by the middleware's
+    # keep-last-1 reader history (never received).
+    assert stats["dropped"] > 0 or stats["received"] < peer.sent
 
 
 def test_without_rclpy_the_node_says_how_to_get_it(monkeypatch):
