@@ -6,7 +6,8 @@
 Subscribes to a ``sensor_msgs/Image`` topic (rgb8, bgr8, rgba8, bgra8, mono8; any size) and optionally a
 ``sensor_msgs/CompressedImage`` one; publishes, with the input's header (stamp, frame_id) and at its size, a
 ``mono8`` image of class ids (255: none) and an ``rgb8`` colour mask (the model's palette), optionally an
-overlay and the per-class pixel shares (``std_msgs/String``, JSON). The conventions of Isaac ROS and Autoware
+overlay and the per-class pixel shares (``std_msgs/String``, JSON); the colour mask, overlay and shares are
+rendered only while something subscribes to them. The conventions of Isaac ROS and Autoware
 segmentation nodes: sensor-data QoS (best effort, depth 1) by default, the palette and network size from the
 model. Frames are resized to the serving size (the model's training size unless ``size`` is set) exactly as
 ``sdca infer --size`` does (OpenCV bilinear; labels back with nearest neighbour), so the labels equal
@@ -204,15 +205,21 @@ def make_node(overrides: Optional[dict] = None):
                 return
             labels = self.seg.labels(rgb)
             self.publish("labels", msg.header, labels, "mono8")
-            self.publish("color", msg.header, self.seg.color(labels), "rgb8")
-            if "overlay" in self.pub:
+            # The derived outputs only for someone listening: rendering and sending a colour frame costs what
+            # a good part of the inference does at camera sizes.
+            if self.listened("color"):
+                self.publish("color", msg.header, self.seg.color(labels), "rgb8")
+            if self.listened("overlay"):
                 blend = (1 - self.opacity) * rgb + self.opacity * self.seg.color(labels)
                 self.publish("overlay", msg.header, np.clip(blend + 0.5, 0, 255).astype(np.uint8), "rgb8")
-            if "shares" in self.pub:
+            if self.listened("shares"):
                 self.pub["shares"].publish(String(data=json.dumps(
                     {"frame_id": msg.header.frame_id, "stamp": [msg.header.stamp.sec, msg.header.stamp.nanosec],
                      "shares": self.seg.shares(labels)})))
             self.stats["processed"] += 1
+
+        def listened(self, which) -> bool:
+            return which in self.pub and self.pub[which].get_subscription_count() > 0
 
         def publish(self, which, header, array, encoding):
             out = Image()
