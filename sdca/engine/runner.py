@@ -39,6 +39,11 @@ log = logging.getLogger("sdca")
 STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5, "adapt-bn": 6}
 
 
+def statistics_tensors(statistics) -> list:
+    """The tensors of a stage's semantic statistics ({name: SemanticDistribution}), as they are now."""
+    return [t for s in (statistics or {}).values() for t in (s.count, s.mean, s.covariance)]
+
+
 def stream_seed(seed: int, stage: str, index: int) -> int:
     """The sample-order seed of a stage's ``index``-th domain stream (source first): each stage and domain draws
     its own order, so adaptation does not replay the warm-up's sequence."""
@@ -236,10 +241,10 @@ class Runner:
             rng.restore(ckpt["extra"]["rng"])
             log.info("stage %s: resuming from %s at step %d", stage, last, start)
         # One model on every rank: a freshly initialised head (or any state a rank built alone) is rank 0's.
-        stat_tensors = [t for s in (statistics or {}).values() for t in (s.count, s.mean, s.covariance)]
         broadcast_module(model, self.dist)
-        broadcast_tensors(stat_tensors, self.dist)
-        check_ranks_agree(module_tensors(model) + stat_tensors, self.dist, f"the {stage} stage's starting model")
+        broadcast_tensors(statistics_tensors(statistics), self.dist)
+        check_ranks_agree(module_tensors(model) + statistics_tensors(statistics), self.dist,
+                          f"the {stage} stage's starting model")
         warning = batch_mismatch(cfg, stage.replace("-", "_"), self.dist.world_size)
         if warning and self.dist.is_main:
             log.warning(warning)
@@ -271,8 +276,9 @@ class Runner:
         loop.train()
         # Rank 0's batch norm statistics are the ones saved; the ranks must hold one model at the end too.
         broadcast_module(model, self.dist, buffers_only=True)
-        check_ranks_agree(module_tensors(model) + stat_tensors, self.dist, f"the {stage} stage's model at step "
-                          f"{loop.iter}")
+        # Read again: a pooled update replaces the statistics' tensors, so the start's list would be stale.
+        check_ranks_agree(module_tensors(model) + statistics_tensors(statistics), self.dist,
+                          f"the {stage} stage's model at step {loop.iter}")
         if loop.stopped_by:
             barrier(self.dist)  # no rank leaves (torchrun would then end rank 0) before last.pt is written
             raise Interrupted(loop.stopped_by, last, loop.iter)
@@ -363,8 +369,7 @@ class Runner:
         # one exact pooled merge at the end gives every rank the statistics of the whole set.
         for s in stats.values():
             s.all_reduce()
-        check_ranks_agree([t for s in stats.values() for t in (s.count, s.mean, s.covariance)], self.dist,
-                          "the init-stats statistics")
+        check_ranks_agree(statistics_tensors(stats), self.dist, "the init-stats statistics")
         if self.dist.is_main:
             save_checkpoint(self.final_path("init-stats"), model, config=to_dict(cfg),
                             statistics={k: v.state_dict() for k, v in stats.items()}, step=0,
