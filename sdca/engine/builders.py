@@ -183,14 +183,19 @@ def build_model_from_config(m: ModelConfig, train_size=None, class_names=None, p
                        output_stride=m.output_stride, trusted=trusted)
 
 
-def build_optimizer(model, solver: SolverConfig, stage: StageSolver) -> torch.optim.SGD:
-    """SGD with momentum and weight decay; the ASPP head at ``head_lr_mult`` x the backbone's learning rate."""
+def build_optimizer(model, solver: SolverConfig, stage: StageSolver, extra_head=()) -> torch.optim.Optimizer:
+    """SGD with momentum (or AdamW, ``stage.optimizer``) and weight decay; the ASPP head, and ``extra_head``
+    (parameters trained beside it, e.g. a projection head), at ``head_lr_mult`` x the backbone's learning rate."""
     module = model.module if hasattr(model, "module") else model
     backbone, head = module.parameter_groups()
+    head = list(head) + [p for p in extra_head if p.requires_grad]
     groups = [{"params": backbone, "lr": stage.lr, "lr_mult": 1.0},
               {"params": head, "lr": stage.lr * solver.head_lr_mult, "lr_mult": solver.head_lr_mult}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=stage.lr, momentum=solver.momentum,
-                           weight_decay=solver.weight_decay)
+    groups = [g for g in groups if g["params"]]
+    decay = solver.weight_decay if stage.weight_decay is None else stage.weight_decay
+    if stage.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=stage.lr, betas=tuple(stage.betas), weight_decay=decay)
+    return torch.optim.SGD(groups, lr=stage.lr, momentum=solver.momentum, weight_decay=decay)
 
 
 def poly_lr(base_lr: float, it: int, max_iter: int, power: float) -> float:

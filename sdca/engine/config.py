@@ -19,12 +19,15 @@ import yaml
 DATASET_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images", "synthdrive")
 ADAPT_BN_MODES = ("frozen", "train", "target")
 RESIZE_MODES = ("bilinear", "bicubic")
-SAMPLING_MODES = ("uniform", "class_balanced")
+SAMPLING_MODES = ("uniform", "class_balanced", "rare_class")
 SCALE_BASES = ("size", "raw")
 PIPELINES = ("auto", "float", "uint8")
 STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
-# Stages a run can add after those (never in the default list): AdaBN on the target frames.
-OPTIONAL_STAGES = ("adapt-bn",)
+# Stages never in the default list: AdaBN on the target frames (after any training stage), and the one-stage
+# mean-teacher adaptation (after source, instead of init-stats -> adapt -> pseudo-label -> self-train).
+OPTIONAL_STAGES = ("adapt-bn", "mean-teacher")
+OPTIMIZERS = ("sgd", "adamw")
+CONTRAST_FEATURES = ("none", "backbone", "projection")
 
 
 @dataclass
@@ -61,7 +64,10 @@ class StageData:
     scale: Optional[List[float]] = None  # random scale range [low, high]
     scale_base: Optional[str] = None  # size: scale after resizing to the stage's input size | raw: the file's own size
     crop: Optional[List[int]] = None  # random crop (width, height), padded with ignore if needed
-    sampling: Optional[str] = None  # source images: uniform | class_balanced (FADA's rule; see sdca/data/sampling.py)
+    # source images: uniform | class_balanced (FADA's rule) | rare_class (DAFormer's rule); see sdca/data/sampling.py
+    sampling: Optional[str] = None
+    rare_class_temperature: Optional[float] = None  # rare_class: T of softmax((1 - f) / T); empty: 0.01
+    rare_class_min_pixels: Optional[int] = None  # rare_class: an image is drawn for c if it has more; empty: 3000
 
 
 @dataclass
@@ -69,6 +75,9 @@ class StagesData:
     source: StageData = field(default_factory=StageData)  # source warm-up
     adapt: StageData = field(default_factory=StageData)  # its augmentation applies to source images only
     self_train: StageData = field(default_factory=StageData)
+    # mean-teacher: the source images get this stage's augmentation, the target images its geometric part only
+    # (the weak view); both must come out at one size, since class mixing pastes one onto the other.
+    mean_teacher: StageData = field(default_factory=StageData)
 
 
 @dataclass
@@ -113,6 +122,12 @@ class StageSolver:
     schedule_iters: Optional[int] = None  # poly schedule length (the public code stops early): None = iters
     # The global batch (per domain) the lr was set for; a run whose processes x batch differ is warned.
     global_batch: Optional[int] = None
+    optimizer: str = "sgd"  # sgd (momentum, solver.weight_decay) | adamw (betas, weight_decay below)
+    weight_decay: Optional[float] = None  # None: solver.weight_decay
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
+    power: Optional[float] = None  # poly power; None: solver.power
+    warmup_iters: int = 0  # linear warm-up of the lr over this many steps (mmcv's rule, from warmup_ratio x lr)
+    warmup_ratio: float = 1e-6
 
 
 @dataclass
@@ -124,12 +139,38 @@ class SolverConfig:
     source: StageSolver = field(default_factory=lambda: StageSolver(iters=20000, lr=5e-4, schedule_iters=31250))
     adapt: StageSolver = field(default_factory=lambda: StageSolver(iters=40000, lr=2.5e-4, schedule_iters=62500))
     self_train: StageSolver = field(default_factory=lambda: StageSolver(iters=20000, lr=5e-4))
+    # SePiCo's (DAFormer's) optimiser: AdamW 6e-5, weight decay 0.01, poly power 1 after 1,500 warm-up steps.
+    mean_teacher: StageSolver = field(default_factory=lambda: StageSolver(
+        iters=40000, lr=6e-5, optimizer="adamw", weight_decay=0.01, power=1.0, warmup_iters=1500))
     # Which checkpoint of a stage the next one starts from: final (the default: no split is looked at) | best
     # (the best val mIoU; with Cityscapes val as val that is the public script's selection on the reported split).
     select: str = "final"
     checkpoint_period: int = 1000
     log_period: int = 20
     eval_period: int = 0  # 0: evaluate the val set only at the end of a stage
+
+
+@dataclass
+class MeanTeacherConfig:
+    """The one-stage mean-teacher adaptation (stage mean-teacher; the facts of SePiCo's recipe in
+    docs/reference/sepico_recipe.md)."""
+
+    alpha: float = 0.999  # EMA: teacher <- a_t teacher + (1 - a_t) student, a_t = min(1 - 1/(t + 1), alpha)
+    threshold: float = 0.968  # pseudo-weight: the share of target pixels whose teacher confidence is at least this
+    ignore_top: int = 0  # rows (of the target input) whose pseudo-weight is 0: SePiCo's Cityscapes 15 ...
+    ignore_bottom: int = 0  # ... and 120 (ego vehicle, rectification borders)
+    class_mix: bool = True  # ClassMix of source onto target; false: the pseudo-labelled target image alone
+    strong_augment: bool = True  # DACS's colour jitter and blur of the mixed image
+    lambda_lov: float = 0.0  # Lovasz-Softmax on the source batch (SePiCo: none)
+    # SDCA's loss in the stage: none | backbone (on the backbone features) | projection (a training-only head)
+    contrast: str = "projection"
+    lambda_contrast: float = 1.0
+    tau: float = 100.0  # SePiCo's contrast_temp
+    variant: str = "paper"  # paper | reference (the public SDCA code's normalisations); diagonal variances
+    contrast_start: int = 0  # steps before the contrastive term starts (SePiCo: 3,000 of 40,000)
+    projection_dim: int = 512
+    projection_hidden: int = 0  # 0: the backbone's width (SePiCo: 2048 -> 2048 -> 512)
+    label_ratio: float = 0.75  # a feature pixel takes its block's majority class if it covers this share
 
 
 @dataclass
@@ -150,6 +191,7 @@ class MethodConfig:
     # from both domains' batches) | target (trained; each domain normalised by its own batch statistics, running
     # statistics from target batches only, so inference uses target statistics).
     adapt_bn: str = "frozen"
+    mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
 
 
 @dataclass
@@ -344,7 +386,7 @@ def validate(cfg: Config) -> None:
     check(cfg.solver.select in ("final", "best"), "solver.select", "must be final or best")
     check(cfg.method.self_train_bn in (None, "frozen", "train", "sync"), "method.self_train_bn",
           "must be frozen, train, sync or empty")
-    for stage in ("source", "adapt", "self_train"):
+    for stage in ("source", "adapt", "self_train", "mean_teacher"):
         sd, key = getattr(cfg.data.stages, stage), f"data.stages.{stage}"
         for name in ("batch_size", "target_batch_size"):
             value = getattr(sd, name)
@@ -357,6 +399,10 @@ def validate(cfg: Config) -> None:
               "must be [width, height]")
         check(sd.sampling in (None,) + SAMPLING_MODES, f"{key}.sampling",
               f"must be one of {', '.join(SAMPLING_MODES)}")
+        check(sd.rare_class_temperature is None or sd.rare_class_temperature > 0, f"{key}.rare_class_temperature",
+              "must be positive")
+        check(sd.rare_class_min_pixels is None or sd.rare_class_min_pixels >= 0, f"{key}.rare_class_min_pixels",
+              "must be at least 0")
     check(cfg.data.stages.self_train.sampling in (None, "uniform"), "data.stages.self_train.sampling",
           "class-balanced sampling needs labels: the self-training images are the target's")
     for key in ("source_size", "target_size"):
@@ -368,10 +414,24 @@ def validate(cfg: Config) -> None:
     for name in ("source", "target"):
         ds = getattr(cfg.data, name)
         check(ds.kind in DATASET_KINDS, f"data.{name}.kind", f"must be one of {', '.join(DATASET_KINDS)}")
-    for stage in ("source", "adapt", "self_train"):
+    for stage in ("source", "adapt", "self_train", "mean_teacher"):
         s = getattr(cfg.solver, stage)
         check(s.iters >= 0, f"solver.{stage}.iters", "must be at least 0")
         check(s.lr > 0, f"solver.{stage}.lr", "must be positive")
+        check(s.optimizer in OPTIMIZERS, f"solver.{stage}.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
+        check(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), f"solver.{stage}.betas",
+              "must be [beta1, beta2] in [0, 1)")
+        check(s.warmup_iters >= 0, f"solver.{stage}.warmup_iters", "must be at least 0")
+        check(0 < s.warmup_ratio <= 1, f"solver.{stage}.warmup_ratio", "must lie in (0, 1]")
+    mt, key = cfg.method.mean_teacher, "method.mean_teacher"
+    check(0 <= mt.alpha < 1, f"{key}.alpha", "must lie in [0, 1)")
+    check(0 <= mt.threshold <= 1, f"{key}.threshold", "must lie in [0, 1]")
+    check(mt.ignore_top >= 0 and mt.ignore_bottom >= 0, f"{key}.ignore_top", "ignored rows must be at least 0")
+    check(mt.contrast in CONTRAST_FEATURES, f"{key}.contrast", f"must be one of {', '.join(CONTRAST_FEATURES)}")
+    check(mt.variant in ("paper", "reference"), f"{key}.variant", "must be paper or reference")
+    check(mt.tau > 0, f"{key}.tau", "must be positive")
+    check(mt.projection_dim >= 1 and mt.projection_hidden >= 0, f"{key}.projection_dim", "must be at least 1")
+    check(0 < mt.label_ratio <= 1, f"{key}.label_ratio", "must lie in (0, 1]")
 
 
 def save_config(cfg: Config, path: str) -> None:

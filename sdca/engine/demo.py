@@ -37,33 +37,45 @@ SYNTHDRIVE_MODELS = {
 
 def synthdrive_config(run_dir: str, plan: dict, seed: int, cache: str, *, source_domain: str = "sim",
                       val_split: str = "test", method: Optional[dict] = None, model: str = "small",
-                      model_overrides: Optional[dict] = None):
+                      model_overrides: Optional[dict] = None, mean_teacher: Optional[dict] = None,
+                      target_labels: bool = False, device: str = "cpu", frame_size=None, amp=None):
     """The SynthDrive configuration shared by the demo and the controlled experiments.
 
     ``plan``: frames (source, target, val), iters (source, adapt, self-train), batch. ``source_domain="real"``
     trains on the labelled real frames that are otherwise the unlabelled target set (the oracle). ``model``:
     a key of SYNTHDRIVE_MODELS (its architecture, frame size and learning rates); ``model_overrides`` change
-    single model settings (e.g. ``{"bn": "frozen"}``).
+    single model settings (e.g. ``{"bn": "frozen"}``). The mean-teacher stage (``plan["mt_iters"]`` steps, the
+    adaptation stages' SGD and learning rate, so that rows differ in the method only) takes ``mean_teacher``
+    (method.mean_teacher settings). ``target_labels``: the target stream carries its labels, for the stages'
+    monitoring only (pseudo-label precision); no loss reads them. ``device``, ``frame_size`` (width, height;
+    the crop scales with it) and ``amp``: the GPU script's larger scale (scripts/experiment_gpu.py).
     """
     n_src, n_tgt, n_val = plan["frames"]
     it_src, it_adapt, it_st = plan["iters"]
     spec = SYNTHDRIVE_MODELS[model]
     size, (lr_src, lr_adapt, lr_st) = list(spec["size"]), spec["lr"]
+    crop = list(spec["crop"])
+    if frame_size is not None:
+        crop = [c * f // s for c, f, s in zip(crop, frame_size, size)]
+        size = list(frame_size)
     sd = lambda domain, split, n, labelled=True: {  # noqa: E731
         "kind": "synthdrive", "root": cache, "domain": domain, "split": split, "num_frames": n,
         "frame_size": size, "labelled": labelled}
     source = sd("real", "train", n_tgt) if source_domain == "real" else sd("sim", "train", n_src)
+    it_mt = plan.get("mt_iters", it_adapt + it_st)
     return load_config(None, [], name=os.path.basename(os.path.abspath(run_dir)),
-                       output_dir=os.path.dirname(os.path.abspath(run_dir)), device="cpu", seed=seed,
+                       output_dir=os.path.dirname(os.path.abspath(run_dir)), device=device, seed=seed, amp=amp,
                        model=dict(spec["model"], **(model_overrides or {})),
-                       data={"source": source, "target": sd("real", "train", n_tgt, False),
+                       data={"source": source, "target": sd("real", "train", n_tgt, target_labels),
                              "val": sd("real", val_split, n_val), "source_size": size,
-                             "target_size": size, "self_train_crop": list(spec["crop"]), "batch_size": plan["batch"],
+                             "target_size": size, "self_train_crop": crop, "batch_size": plan["batch"],
                              "workers": 1},
                        solver={"source": {"iters": it_src, "lr": lr_src}, "adapt": {"iters": it_adapt, "lr": lr_adapt},
                                "self_train": {"iters": it_st, "lr": lr_st},
+                               "mean_teacher": {"iters": it_mt, "lr": lr_adapt, "optimizer": "sgd", "power": None,
+                                                "warmup_iters": 0, "weight_decay": None},
                                "checkpoint_period": max(10, it_src // 4), "log_period": max(1, it_src // 40)},
-                       method=dict(DEMO_METHOD, **(method or {})))
+                       method=dict(DEMO_METHOD, **(method or {}), mean_teacher=dict(mean_teacher or {})))
 
 
 # The adaptation settings the demo runs: those the experiment's validation sweep chose (README, "What SDCA does

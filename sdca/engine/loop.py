@@ -113,13 +113,23 @@ def check_finite(losses: Dict[str, torch.Tensor], iteration: int, dist_info=None
 
 
 class LRSchedule(HookBase):
-    """Poly schedule: lr = base x (1 - it / schedule_iters) ^ power, per parameter group (with its multiplier)."""
+    """Poly schedule: lr = base x (1 - it / schedule_iters) ^ power, per parameter group (with its multiplier),
+    after an optional linear warm-up (mmcv's rule, as DAFormer's poly10warm): for it < warmup_iters the poly
+    value is scaled by 1 - (1 - it / warmup_iters)(1 - warmup_ratio)."""
 
-    def __init__(self, optimizer, base_lr: float, schedule_iters: int, power: float):
+    def __init__(self, optimizer, base_lr: float, schedule_iters: int, power: float, warmup_iters: int = 0,
+                 warmup_ratio: float = 1e-6):
         self.optimizer, self.base_lr, self.schedule_iters, self.power = optimizer, base_lr, schedule_iters, power
+        self.warmup_iters, self.warmup_ratio = warmup_iters, warmup_ratio
+
+    def factor(self, it: int) -> float:
+        factor = max(0.0, 1.0 - it / max(1, self.schedule_iters)) ** self.power
+        if it < self.warmup_iters:
+            factor *= 1.0 - (1.0 - it / self.warmup_iters) * (1.0 - self.warmup_ratio)
+        return factor
 
     def before_step(self):
-        factor = max(0.0, 1.0 - self.trainer.iter / max(1, self.schedule_iters)) ** self.power
+        factor = self.factor(self.trainer.iter)
         for group in self.optimizer.param_groups:
             group["lr"] = self.base_lr * group.get("lr_mult", 1.0) * factor
 

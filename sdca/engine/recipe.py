@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 from ..data import build_transform
 from .config import Config, ConfigError
 
-TRAINING_STAGES = ("source", "adapt", "self_train")
+TRAINING_STAGES = ("source", "adapt", "self_train", "mean_teacher")
 
 
 @dataclass(frozen=True)
@@ -29,10 +29,12 @@ class StageData:
     scale_base: str
     crop: Optional[Tuple[int, int]]
     sampling: str
+    rare_class_temperature: float = 0.01
+    rare_class_min_pixels: int = 3000
 
 
 def stage_data(cfg: Config, stage: str) -> StageData:
-    """``stage``: source | adapt | self_train (self-train's images are the target's)."""
+    """``stage``: source | adapt | self_train (self-train's images are the target's) | mean_teacher."""
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage must be one of {', '.join(TRAINING_STAGES)}, got {stage!r}")
     d = cfg.data
@@ -50,7 +52,9 @@ def stage_data(cfg: Config, stage: str) -> StageData:
                      jitter=values["jitter"], grayscale=float(values["grayscale"]), blur=values["blur"],
                      flip=values["flip"], scale=tuple(values["scale"]) if values["scale"] else None,
                      scale_base=values["scale_base"], crop=tuple(values["crop"]) if values["crop"] else None,
-                     sampling=values["sampling"])
+                     sampling=values["sampling"],
+                     rare_class_temperature=given.rare_class_temperature or 0.01,
+                     rare_class_min_pixels=3000 if given.rare_class_min_pixels is None else given.rare_class_min_pixels)
 
 
 def stage_transform(cfg: Config, stage: str, domain: str = "source", uint8: bool = False):
@@ -61,6 +65,9 @@ def stage_transform(cfg: Config, stage: str, domain: str = "source", uint8: bool
     resize = cfg.data.resize
     if stage == "adapt" and domain == "target":
         return build_transform(size=cfg.data.target_size, resize=resize, uint8=uint8)
+    if stage == "mean_teacher" and domain == "target":  # the weak view: the stage's geometry, no photometric change
+        return build_transform(size=None if r.scale_base == "raw" else cfg.data.target_size, scale=r.scale,
+                               crop=r.crop, flip=r.flip, resize=resize, uint8=uint8)
     size = cfg.data.target_size if stage == "self_train" else cfg.data.source_size
     return build_transform(size=None if r.scale_base == "raw" else size, scale=r.scale, crop=r.crop, flip=r.flip,
                            jitter=r.jitter, grayscale=r.grayscale, blur=r.blur, resize=resize, uint8=uint8)
@@ -71,11 +78,21 @@ def _bn(cfg: Config, stage: str) -> str:
         return "none (VGG-16)"
     if stage == "adapt":
         return {"frozen": "frozen", "train": "trained", "target": "trained, target statistics"}[cfg.method.adapt_bn]
+    if stage == "mean_teacher":
+        return {"frozen": "frozen", "train": "trained", "sync": "trained, synced"}[cfg.model.bn] + " (teacher: batch statistics)"
     mode = cfg.method.self_train_bn or cfg.model.bn if stage == "self_train" else cfg.model.bn
     return {"frozen": "frozen", "train": "trained", "sync": "trained, synced"}[mode]
 
 
-def _augmentation(r: StageData) -> str:
+def _optimizer(cfg: Config, solver) -> str:
+    wd = cfg.solver.weight_decay if solver.weight_decay is None else solver.weight_decay
+    power = cfg.solver.power if solver.power is None else solver.power
+    name = (f"AdamW {tuple(solver.betas)}" if solver.optimizer == "adamw" else f"SGD m {cfg.solver.momentum:g}")
+    warm = f", warm-up {solver.warmup_iters}" if solver.warmup_iters else ""
+    return f"{name}, wd {wd:g}, head x{cfg.solver.head_lr_mult:g}, poly {power:g}{warm}"
+
+
+def _augmentation(r: StageData, geometric: bool = False) -> str:
     parts = []
     if r.scale:
         parts.append(f"scale U({r.scale[0]:g}, {r.scale[1]:g}) of the {'raw image' if r.scale_base == 'raw' else 'resized image'}")
@@ -83,6 +100,8 @@ def _augmentation(r: StageData) -> str:
         parts.append(f"crop {r.crop[0]}x{r.crop[1]}")
     if r.flip:
         parts.append("flip")
+    if geometric:
+        return ", ".join(parts) or "none"
     if r.jitter:
         parts.append("jitter")
     if r.grayscale:
@@ -97,10 +116,21 @@ def recipe_rows(cfg: Config, world_size: int = 1) -> List[dict]:
     rows = []
     src, tgt = cfg.data.source_size, cfg.data.target_size
     selection = "best val mIoU" if cfg.solver.select == "best" else "final weights"
-    for stage, solver, label in (("source", cfg.solver.source, "source"), ("adapt", cfg.solver.adapt, "adapt"),
-                                 ("self_train", cfg.solver.self_train, "self-train")):
+    stages = [("source", cfg.solver.source, "source"), ("adapt", cfg.solver.adapt, "adapt"),
+              ("self_train", cfg.solver.self_train, "self-train")]
+    if "mean-teacher" in cfg.stages:  # the one-stage recipe replaces the paper's stages unless those are listed too
+        stages = [s for s in stages if s[0] == "source" or s[2] in cfg.stages]
+        stages.append(("mean_teacher", cfg.solver.mean_teacher, "mean-teacher"))
+    for stage, solver, label in stages:
         r = stage_data(cfg, stage)
-        if stage == "adapt":
+        if stage == "mean_teacher":
+            mt = cfg.method.mean_teacher
+            batch = f"{r.batch_size} + {r.batch_size}"
+            global_batch = f"{r.batch_size * world_size} + {r.batch_size * world_size}"
+            inputs = f"source {src[0]}x{src[1]}, target {tgt[0]}x{tgt[1]}"
+            mixed = ("ClassMix" if mt.class_mix else "target only") + (", strong" if mt.strong_augment else "")
+            augmentation = f"source: {_augmentation(r)}; target: {_augmentation(r, geometric=True)}; mixed: {mixed}"
+        elif stage == "adapt":
             batch = f"{r.batch_size} + {r.target_batch_size}"
             global_batch = f"{r.batch_size * world_size} + {r.target_batch_size * world_size}"
             inputs = f"source {src[0]}x{src[1]}, target {tgt[0]}x{tgt[1]}"
@@ -112,12 +142,13 @@ def recipe_rows(cfg: Config, world_size: int = 1) -> List[dict]:
                       + ("raw size" if r.scale_base == "raw" else f"{size[0]}x{size[1]}"))
             augmentation = _augmentation(r)
         start = {"source": "ImageNet" if not cfg.model.no_pretrained else "scratch",
-                 "adapt": f"source ({selection})",
+                 "adapt": f"source ({selection})", "mean_teacher": f"source ({selection})",
                  "self_train": "ImageNet" if cfg.method.self_train_from_imagenet else f"adapt ({selection})"}[stage]
         rows.append({"stage": label, "lr": solver.lr, "iters": solver.iters,
                      "poly length": solver.schedule_iters or solver.iters,
                      "batch / process": batch, f"global batch ({world_size} proc.)": global_batch,
                      "global batch of the lr": solver.global_batch or "not set",
+                     "optimizer": _optimizer(cfg, solver),
                      "batch norm": _bn(cfg, stage), "input": inputs, "resize": cfg.data.resize,
                      "augmentation": augmentation,
                      "sampling": r.sampling if stage != "self_train" else "uniform (target)", "starts from": start})

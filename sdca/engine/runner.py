@@ -1,4 +1,5 @@
-"""The pipeline: source -> init-stats -> adapt -> pseudo-label -> self-train, each stage resumable.
+"""The pipeline: source -> init-stats -> adapt -> pseudo-label -> self-train, each stage resumable; or source ->
+mean-teacher, the one-stage recipe of SDCA's successor (SePiCo), in place of the four after source.
 
 Run folder (``runs/NAME/``): ``config.yaml`` (resolved), ``metrics.jsonl``, ``log.txt``, and one folder per
 stage: ``last.pt`` (written atomically every checkpoint period and on SIGINT/SIGTERM), ``final.pt`` when the
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate, finish_images, has_images
-from ..data.sampling import class_balanced_order, class_sets
+from ..data.sampling import class_balanced_order, class_pixel_counts, class_sets, rare_class_order
 from ..method import SemanticDistribution, downsample_labels
 from ..models import load_model, read_checkpoint, save_checkpoint, set_batchnorm_mode
 from ..models.checkpoint import model_from_checkpoint
@@ -36,7 +37,8 @@ from .recipe import batch_mismatch, stage_data, stage_transform
 from .steps import AdaptStep, SupervisedStep, pixel_rows, statistics_rows
 
 log = logging.getLogger("sdca")
-STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5, "adapt-bn": 6}
+STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5, "adapt-bn": 6,
+               "mean-teacher": 7}
 
 
 def statistics_tensors(statistics) -> list:
@@ -137,7 +139,8 @@ class Runner:
         torch.manual_seed(seed)
 
     def _input_checkpoint(self, stage: str) -> str:
-        previous = {"init-stats": "source", "adapt": "init-stats", "pseudo-label": "adapt", "self-train": "adapt"}
+        previous = {"init-stats": "source", "adapt": "init-stats", "pseudo-label": "adapt", "self-train": "adapt",
+                    "mean-teacher": "source"}
         if self.init_checkpoint and stage == self._first_stage:
             return self.init_checkpoint
         path = self.final_path(previous[stage])
@@ -215,12 +218,19 @@ class Runner:
             self._record({"summary": result})
         return result
 
-    def _train_stage(self, stage: str, model, solver, make_step, statistics=None) -> None:
-        """Shared by source, adapt and self-train: optimizer, resume, hooks, loop, final checkpoint."""
+    def _train_stage(self, stage: str, model, solver, make_step, statistics=None, modules=None,
+                     trained=()) -> None:
+        """Shared by every training stage: optimizer, resume, hooks, loop, final checkpoint.
+
+        ``modules``: {name: module} the stage keeps beside the model (a teacher, a projection head), saved in the
+        checkpoint's ``extra["modules"]``, restored on resume and held identical on every rank; those named in
+        ``trained`` are optimised with the head's learning rate."""
         cfg = self.cfg
         folder = self.stage_dir(stage)
         last = os.path.join(folder, "last.pt")
-        optimizer = build_optimizer(model, cfg.solver, solver)
+        modules = dict(modules or {})
+        extra_params = [p for name in trained for p in modules[name].parameters()]
+        optimizer = build_optimizer(model, cfg.solver, solver, extra_head=extra_params)
         start, consumed, step_state = 0, {}, {}
         if os.path.isfile(last):
             ckpt = read_checkpoint(last)
@@ -231,6 +241,8 @@ class Runner:
                     "process draws every world-size-th sample, so the resumed stage would not continue the same "
                     f"sample sequence. Resume with {saved_world} process(es), or delete {last} to restart the stage")
             model.load_state_dict(ckpt["model"]["state_dict"])
+            for name, module in modules.items():
+                module.load_state_dict(ckpt["extra"]["modules"][name])
             optimizer.load_state_dict(ckpt["optimizer"])
             start = int(ckpt["step"])
             consumed = ckpt["extra"].get("consumed", {})
@@ -242,15 +254,22 @@ class Runner:
             log.info("stage %s: resuming from %s at step %d", stage, last, start)
         # One model on every rank: a freshly initialised head (or any state a rank built alone) is rank 0's.
         broadcast_module(model, self.dist)
+        for module in modules.values():
+            broadcast_module(module, self.dist)
         broadcast_tensors(statistics_tensors(statistics), self.dist)
-        check_ranks_agree(module_tensors(model) + statistics_tensors(statistics), self.dist,
-                          f"the {stage} stage's starting model")
+
+        def held():  # everything that must be one copy on every rank
+            return (module_tensors(model) + [t for m in modules.values() for t in module_tensors(m)]
+                    + statistics_tensors(statistics))
+        check_ranks_agree(held(), self.dist, f"the {stage} stage's starting model")
         warning = batch_mismatch(cfg, stage.replace("-", "_"), self.dist.world_size)
         if warning and self.dist.is_main:
             log.warning(warning)
             print(f"sdca: warning: {warning}", flush=True)
         if cfg.speed.channels_last:  # before the step exists: its gradient buckets view the converted weights
             model.to(memory_format=torch.channels_last)
+            for module in modules.values():
+                module.to(memory_format=torch.channels_last)
         step = make_step(optimizer, consumed)
         step.load_state_dict(step_state)
         step.channels_last = cfg.speed.channels_last
@@ -260,10 +279,13 @@ class Runner:
                             statistics={k: v.state_dict() for k, v in (statistics or {}).items()},
                             optimizer=optimizer.state_dict(), step=iteration,
                             extra={"stage": stage, "consumed": step.consumed(), "rng": rng.capture(),
-                                   "step_state": step.state_dict(), "world_size": self.dist.world_size})
+                                   "step_state": step.state_dict(), "world_size": self.dist.world_size,
+                                   "modules": {k: m.state_dict() for k, m in modules.items()}})
 
         main = self.dist.is_main
-        hooks = [LRSchedule(optimizer, solver.lr, solver.schedule_iters or solver.iters, cfg.solver.power),
+        power = cfg.solver.power if solver.power is None else solver.power
+        hooks = [LRSchedule(optimizer, solver.lr, solver.schedule_iters or solver.iters, power, solver.warmup_iters,
+                            solver.warmup_ratio),
                  SignalHandler(),
                  Checkpointer(lambda it: save(last, it), cfg.solver.checkpoint_period, enabled=main),
                  MetricsLogger(self.metrics_path, stage, cfg.solver.log_period, enabled=main,
@@ -276,9 +298,10 @@ class Runner:
         loop.train()
         # Rank 0's batch norm statistics are the ones saved; the ranks must hold one model at the end too.
         broadcast_module(model, self.dist, buffers_only=True)
+        for module in modules.values():
+            broadcast_module(module, self.dist, buffers_only=True)
         # Read again: a pooled update replaces the statistics' tensors, so the start's list would be stale.
-        check_ranks_agree(module_tensors(model) + statistics_tensors(statistics), self.dist,
-                          f"the {stage} stage's model at step {loop.iter}")
+        check_ranks_agree(held(), self.dist, f"the {stage} stage's model at step {loop.iter}")
         if loop.stopped_by:
             barrier(self.dist)  # no rank leaves (torchrun would then end rank 0) before last.pt is written
             raise Interrupted(loop.stopped_by, last, loop.iter)
@@ -305,17 +328,24 @@ class Runner:
                 # FADA's rule, as many picks as the stage consumes: iters x the global batch.
                 order = class_balanced_order(self._class_sets(ds), self.cfg.model.num_classes, solver.iters,
                                              seed=seed, batch=batch * self.dist.world_size)
+            elif name == "source" and recipe.sampling == "rare_class":
+                order = rare_class_order(self._class_sets(ds, counts=True), solver.iters, seed=seed,
+                                         batch=batch * self.dist.world_size,
+                                         temperature=recipe.rare_class_temperature,
+                                         min_pixels=recipe.rare_class_min_pixels)
             streams[name] = Stream(ds, batch, self._workers(len(datasets)), seed, self.dist.rank,
                                    self.dist.world_size, consumed.get(name, 0), order=order,
                                    pin_memory=self.pin_memory)
         return streams
 
-    def _class_sets(self, dataset):
+    def _class_sets(self, dataset, counts: bool = False):
         """Read once, by rank 0 (it writes the JSON cache, see class_sets); the others read that cache after a
-        barrier instead of each scanning every label file."""
+        barrier instead of each scanning every label file. ``counts``: per-class pixel counts instead of sets."""
+        scan = class_pixel_counts if counts else class_sets
+
         def read():
-            return class_sets(dataset, self.cfg.model.num_classes, cache_dir=self.run_dir,
-                              progress=self.progress and self.dist.is_main)
+            return scan(dataset, self.cfg.model.num_classes, cache_dir=self.run_dir,
+                        progress=self.progress and self.dist.is_main)
         sets = read() if self.dist.is_main else None
         barrier(self.dist)
         return sets if sets is not None else read()
@@ -429,7 +459,8 @@ class Runner:
         if self.init_checkpoint and self._first_stage == "adapt-bn":
             start = self.init_checkpoint
         else:
-            done = [self.final_path(s) for s in ("self-train", "adapt", "source") if os.path.isfile(self.final_path(s))]
+            done = [self.final_path(s) for s in ("mean-teacher", "self-train", "adapt", "source")
+                    if os.path.isfile(self.final_path(s))]
             if not done:
                 raise FileNotFoundError("stage adapt-bn re-estimates a trained model's batch norm: run a training "
                                         "stage first, or pass --init CHECKPOINT")
@@ -486,3 +517,53 @@ class Runner:
             return step
         self._train_stage("self-train", model, cfg.solver.self_train, make_step)
 
+
+    def run_mean_teacher(self) -> None:
+        """The one-stage recipe (see :mod:`sdca.engine.mean_teacher`): from the source warm-up, the student is
+        trained on source CE and class-mixed, teacher-labelled target images; the final checkpoint holds the
+        student (what evaluation, export and the next stage read), the teacher and, with a contrastive term, the
+        projection heads and the statistics in ``extra["modules"]`` and ``statistics``."""
+        from .mean_teacher import MeanTeacherStep, make_teacher
+        from ..models.projection import ProjectionHead
+
+        cfg = self.cfg
+        mt = cfg.method.mean_teacher
+        model = self._load(self._input_checkpoint("mean-teacher"))
+        recipe = stage_data(cfg, "mean_teacher")
+        source_in = recipe.crop or (None if recipe.scale_base == "raw" else tuple(cfg.data.source_size))
+        target_in = recipe.crop or (None if recipe.scale_base == "raw" else tuple(cfg.data.target_size))
+        if mt.class_mix and tuple(source_in or ()) != tuple(target_in or ()):
+            raise ValueError(f"method.mean_teacher.class_mix pastes source pixels onto target images, so both must "
+                             f"come out at one size: data.source_size {cfg.data.source_size} and data.target_size "
+                             f"{cfg.data.target_size} differ; set data.stages.mean_teacher.crop=[W, H] (or equal "
+                             "sizes)")
+        modules = {"teacher": make_teacher(model)}
+        trained = []
+        statistics = None
+        if mt.contrast != "none":
+            dim = model.feature_dim
+            if mt.contrast == "projection":
+                modules["projection"] = ProjectionHead(dim, mt.projection_dim, mt.projection_hidden).to(self.device)
+                modules["teacher_projection"] = make_teacher(modules["projection"])
+                trained = ["projection"]
+                dim = mt.projection_dim
+            # "features" as init-stats names the backbone's (so that sdca inspect reads them); the head's apart.
+            key = "features" if mt.contrast == "backbone" else "projection"
+            statistics = {key: SemanticDistribution(model.num_classes, dim, "diag", device=self.device)}
+        model.train()
+        source = self._dataset("source", stage_transform(cfg, "mean_teacher", uint8=self.uint8),
+                               labelled_required=True)
+        target = self._dataset("target", stage_transform(cfg, "mean_teacher", "target", uint8=self.uint8))
+
+        def make_step(optimizer, consumed):
+            streams = self._streams("mean-teacher", consumed, cfg.solver.mean_teacher, source=source, target=target)
+            step = MeanTeacherStep(model, optimizer, streams["source"], streams["target"], modules["teacher"], mt,
+                                   self.device, cfg.amp, self.dist, projection=modules.get("projection"),
+                                   teacher_projection=modules.get("teacher_projection"),
+                                   statistics=next(iter(statistics.values())) if statistics else None,
+                                   seed=stream_seed(cfg.seed, "mean-teacher", 2) + self.dist.rank,
+                                   diagnostics_period=cfg.solver.log_period)
+            step.consumed = lambda: {k: s.consumed for k, s in streams.items()}
+            return step
+        self._train_stage("mean-teacher", model, cfg.solver.mean_teacher, make_step, statistics=statistics,
+                          modules=modules, trained=trained)

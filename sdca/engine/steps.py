@@ -37,14 +37,17 @@ class StepBase:
     channels_last = False  # set by the runner from speed.channels_last (which converts the model too)
     data_wait = 0.0  # seconds the last step waited for its batches (logged as time_data)
 
-    def __init__(self, model, optimizer, device: torch.device, amp: Optional[str], dist_info: DistInfo):
+    def __init__(self, model, optimizer, device: torch.device, amp: Optional[str], dist_info: DistInfo,
+                 trainable: Optional[torch.nn.Module] = None):
+        """``trainable``: every module the optimizer trains (the model and anything trained beside it), whose
+        gradients are averaged under DDP; the model alone by default."""
         self.model, self.optimizer, self.device, self.dist = model, optimizer, device, dist_info
         self.amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp) if amp else None
         use_scaler = self.amp_dtype == torch.float16 and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.normalize = model.info.normalization
         # Under DDP the gradient all-reduce runs bucket by bucket during backward (see BucketedGradients).
-        self.grads = BucketedGradients(model, dist_info) if dist_info.enabled else None
+        self.grads = BucketedGradients(trainable or model, dist_info) if dist_info.enabled else None
         # Frames skipped because they could not be decoded, and pairs whose label was resized to its image, as
         # the batches report them (their names travel with the batch, from whichever worker read them).
         self.unreadable, self.mismatched = set(), set()
@@ -82,7 +85,13 @@ class StepBase:
     def images(self, batch: dict) -> torch.Tensor:
         """The batch on the device as the model reads it: uint8 frames made float and given their deferred
         photometric augmentation there (the uint8 pipeline), then normalised."""
-        x = finish_images(batch["image"].to(self.device, non_blocking=True), batch.get("photometric"))
+        return self.model_input(self.unnormalized(batch))
+
+    def unnormalized(self, batch: dict) -> torch.Tensor:
+        """The batch's images on the device in [0, 1], photometric augmentation applied, not yet normalised."""
+        return finish_images(batch["image"].to(self.device, non_blocking=True), batch.get("photometric"))
+
+    def model_input(self, x: torch.Tensor) -> torch.Tensor:
         x = self.normalize(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 

@@ -41,3 +41,17 @@ def flatten_pixels(features: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.
     labels = downsample_labels(labels, features.shape[-2:])
     rows = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
     return rows, labels.reshape(-1)
+
+
+def majority_downsample_labels(labels: torch.Tensor, size: Sequence[int], num_classes: int, ratio: float = 0.75,
+                               ignore_index: int = 255) -> torch.Tensor:
+    """Label maps [B, H, W] brought to a feature map's ``size`` = (h, w) by average-pooling one-hot maps, as
+    SePiCo labels its projected features: a feature pixel takes the majority class of its block when that class
+    covers at least ``ratio`` of it (ignored pixels count against every class), else ``ignore_index``."""
+    check_tensor("labels", labels, ndim=3, floating=False)
+    h, w = int(size[0]), int(size[1])
+    valid = (labels >= 0) & (labels < num_classes)
+    onehot = F.one_hot(torch.where(valid, labels, num_classes).long(), num_classes + 1)[..., :num_classes]
+    shares = F.adaptive_avg_pool2d(onehot.permute(0, 3, 1, 2).float(), (h, w))
+    top, cls = shares.max(dim=1)
+    return torch.where(top >= ratio - 1e-6, cls, torch.full_like(cls, ignore_index)).to(labels.dtype)

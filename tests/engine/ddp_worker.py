@@ -5,7 +5,8 @@
 MODE: run (train the stages), nan (rank 1's Lovász term is NaN at step 3), stream (rank 1's source stream fails
 at step 2). Each rank writes OUT/rank<R>.json: every rank-agreement check the runner made (what, checksum), the
 exception it ended with (type, message, step), and OUT/rank<R>-<stage>.pt: its model's state at each training
-stage's end, so the test compares the ranks' weights itself.
+stage's end (and OUT/rank<R>-<stage>-<name>.pt of each module a stage keeps beside it, such as the mean
+teacher), so the test compares the ranks' weights itself.
 """
 import json
 import os
@@ -57,9 +58,12 @@ if mode == "stream" and rank == 1:
 
 
 class Recording(runner_module.Runner):
-    def _train_stage(self, stage, model, solver, make_step, statistics=None):
-        super()._train_stage(stage, model, solver, make_step, statistics)
+    def _train_stage(self, stage, model, solver, make_step, statistics=None, modules=None, trained=()):
+        super()._train_stage(stage, model, solver, make_step, statistics, modules, trained)
         atomic_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, f"{out}/rank{rank}-{stage}.pt")
+        for name, module in (modules or {}).items():  # a teacher, a projection head: one copy on every rank too
+            atomic_save({k: v.detach().cpu() for k, v in module.state_dict().items()},
+                        f"{out}/rank{rank}-{stage}-{name}.pt")
 
 
 try:

@@ -101,6 +101,33 @@ def test_two_ranks_hold_one_model_through_every_stage_and_evaluate_as_one_proces
     assert_same_weights(saved, torch.load(out2 / "rank1-self-train.pt", weights_only=True), "fresh self-train")
 
 
+def test_two_ranks_hold_one_student_teacher_projection_and_statistics_in_the_mean_teacher(tiny_data):
+    """Stage mean-teacher under torchrun: each rank mixes and augments its own batch, yet the student, the EMA
+    teacher, the projection head (initialised on each rank from its own seed, then rank 0's), its teacher and the
+    pooled statistics are one copy on both ranks, at the start and the end, and rank 0's checkpoint is it."""
+    tmp, config = tiny_data
+    config = {**config, "stages": ["source", "mean-teacher"], "model": {**config["model"], "bn": "train"},
+              "data": {**config["data"], "batch_size": 1, "val": None},
+              "solver": {**config["solver"], "mean_teacher": {"iters": 3, "lr": 0.002}},
+              "method": {**config["method"], "mean_teacher": {"contrast": "projection", "projection_dim": 8,
+                                                              "alpha": 0.9, "threshold": 0.6}}}
+    out, records, _ = launch(tmp, write(tmp, config, "mt"))
+    checks = [[what for what, _ in r["checks"]] for r in records]
+    assert checks[0] == checks[1]
+    assert any(w.startswith("the mean-teacher stage's starting model") for w in checks[0])
+    assert any(w.startswith("the mean-teacher stage's model at step 3") for w in checks[0])
+    assert [s for _, s in records[0]["checks"]] == [s for _, s in records[1]["checks"]]
+    final = read_checkpoint(str(tmp / "runs" / "mt" / "mean-teacher" / "final.pt"))
+    assert_same_weights(final["model"]["state_dict"], torch.load(out / "rank1-mean-teacher.pt", weights_only=True),
+                        "student")
+    for name in ("teacher", "projection", "teacher_projection"):
+        rank0 = torch.load(out / f"rank0-mean-teacher-{name}.pt", weights_only=True)
+        rank1 = torch.load(out / f"rank1-mean-teacher-{name}.pt", weights_only=True)
+        assert_same_weights(rank0, rank1, name)
+        assert_same_weights(final["extra"]["modules"][name], rank1, name)
+    assert float(final["statistics"]["projection"]["count"].sum()) > 0
+
+
 def test_two_processes_equal_one_process_with_the_same_global_batch(tiny_data):
     """Where the arithmetic says they must: frozen batch norm (no batch statistics), no Lovász (not a mean over
     pixels), no augmentation (so no draw depends on the process), and the same number of labelled pixels on every

@@ -73,3 +73,52 @@ def test_lite0_report_warmup_choice_diagnostics_and_figure(tmp_path):
     assert "| sdca_paper | 0 | 2.00% | 1.00% | 30.0% | 60.0% | 5.000 -> 3.000 |" in text
     with Image.open(tmp_path / "experiment" / "per_class.png") as im:
         assert im.format == "PNG"
+
+
+def test_report_goal_picks_the_recipe_on_validation_and_checks_every_control(tmp_path):
+    """The goal line: the recipe with the best *validation* mean is checked against each control by more than the
+    larger seed std; the mean-teacher sweep table lists every point and the choice."""
+    from sdca.engine.experiment import MT_ROWS
+
+    exp = Experiment(str(tmp_path / "experiment"), quick=True)
+    choice = {"bn": "target", "lam": 0.1, "tau": 0.5}
+    # The mean-teacher sweep: alpha 0.999 best, then threshold 0.9 worse, then contrast (1, 100) best.
+    sweep = {"a-0.99_thr-0.968": 0.20, "a-0.999_thr-0.968": 0.25, "a-0.999_thr-0.9": 0.22,
+             "a-0.999_thr-0.968_projection_lam-1.0_tau-100.0": 0.26, "a-0.999_thr-0.968_projection_lam-0.1_tau-0.5": 0.21}
+    for tag, v in sweep.items():
+        alpha, thr = float(tag.split("_")[0][2:]), float(tag.split("_")[1][4:])
+        contrast = "projection" if "projection" in tag else "none"
+        lam, tau = (1.0, 100.0) if "tau-100" in tag else (0.1, 0.5)
+        exp._save("mtsweep_" + tag, {"val": {"mIoU": v, "IoU": {}}, "test": {"mIoU": v, "IoU": {}},
+                                     "mean_teacher": {"alpha": alpha, "threshold": thr, "contrast": contrast,
+                                                      "lambda_contrast": lam if contrast != "none" else 0.0,
+                                                      "tau": tau}})
+    chosen = exp.mt_choice(run=False)
+    assert chosen["mt"] == {"alpha": 0.999, "thr": 0.968}
+    assert chosen["mt_proj"]["lam"] == 1.0 and chosen["mt_proj"]["tau"] == 100.0
+    assert chosen["mt_backbone"]["contrast"] == "backbone" and chosen["mt_nomix"]["nomix"]
+    test = {"source": [15, 16, 17], "oracle": [30, 31, 32], "adabn": [16, 17, 18], "control": [16, 18, 17],
+            "st_source": [14, 15, 16], "sdca_paper": [17, 17, 18], "sdca_public": [17, 17, 17],
+            "sdca_st": [15, 15, 15], "mt": [21, 22, 23], "mt_proj": [24, 24, 24], "mt_backbone": [20, 21, 22],
+            "mt_nomix": [18, 19, 20]}
+    val = dict(test, mt_proj=[10, 10, 10])  # best on test, worst on validation: it must not be chosen
+    for row, values in test.items():
+        for seed in range(3):
+            exp._save(exp.row_key(row, seed, choice), {"val": {"mIoU": val[row][seed] / 100, "IoU": {}},
+                                                       "test": {"mIoU": values[seed] / 100, "IoU": {}}})
+    text = open(write_report(exp, [0, 1, 2], choice)).read()
+    assert "Best recipe on validation (mean over seeds): **mean teacher (ClassMix, no contrast)**" in text
+    gap = 31 - 16
+    assert f"recovers {100 * (22 - 16) / gap:.0f}% of the {gap:.1f}-point gap" in text
+    # mt 22 ± 1 vs AdaBN 17 ± 1: +5.0 > 1, yes; every control is beaten, 40 % >= a third: met.
+    assert "| AdaBN (source-only, target BN statistics) | 17.0 ± 1.0 | +5.0 | yes |" in text
+    assert "**met**" in text
+    assert "| 0.999 | 0.9 | none | 22.0 |" in text and "| 0.999 | 0.968 | projection (lambda 1.0, tau 100.0) | 26.0 |" in text
+    assert set(MT_ROWS) <= {row for row, _, _ in ROWS}
+    # AdaBN as good as the best recipe, with a wider spread: not beaten, so the goal is missed.
+    for seed, value in enumerate([20, 22, 24]):
+        exp._save(exp.row_key("adabn", seed, choice), {"val": {"mIoU": 0.1, "IoU": {}},
+                                                       "test": {"mIoU": value / 100, "IoU": {}}})
+    text = open(write_report(exp, [0, 1, 2], choice)).read()
+    assert "| AdaBN (source-only, target BN statistics) | 22.0 ± 2.0 | +0.0 | no |" in text
+    assert "**missed**" in text
