@@ -73,7 +73,12 @@ class MeanTeacherStep(StepBase):
         """The maps the contrastive term reads: the projection head's (the teacher's own for the teacher) or the
         backbone's."""
         head = self.teacher_projection if teacher else self.projection
-        return head(features.float()) if head is not None else features
+        if head is None:
+            return features
+        if teacher:  # as the teacher network: batch statistics, its running statistics left as they are
+            with running_stats_untouched(head):
+                return head(features.float())
+        return head(features.float())
 
     def _contrast(self, s_maps, s_labels, t_maps, t_labels) -> torch.Tensor:
         c = self.cfg
@@ -145,7 +150,13 @@ class MeanTeacherStep(StepBase):
         with self.autocast():
             s_out = self.model(self.model_input(s_img))
             m_out = self.model(self.model_input(mixed))
-            t_out = self.model(self.model_input(t_img)) if contrast else None
+            t_out = None
+            if contrast:
+                # Running statistics untouched: a pure target batch would otherwise move them toward the target
+                # (what AdaBN does), and the row with the contrastive term would differ from the one without by
+                # more than the loss.
+                with running_stats_untouched(self.model):
+                    t_out = self.model(self.model_input(t_img))
         terms = self.supervised_terms(s_out.logits, labels, c.lambda_lov)
         m_up = upsample_logits(m_out.logits.float(), mixed_label.shape[-2:])
         terms["loss_mix"] = weighted_cross_entropy(m_up, mixed_label, mixed_weight)

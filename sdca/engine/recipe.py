@@ -79,7 +79,9 @@ def _bn(cfg: Config, stage: str) -> str:
     if stage == "adapt":
         return {"frozen": "frozen", "train": "trained", "target": "trained, target statistics"}[cfg.method.adapt_bn]
     if stage == "mean_teacher":
-        return {"frozen": "frozen", "train": "trained", "sync": "trained, synced"}[cfg.model.bn] + " (teacher: batch statistics)"
+        if cfg.model.bn == "frozen":
+            return "frozen (teacher too)"
+        return {"train": "trained", "sync": "trained, synced"}[cfg.model.bn] + " (teacher: batch statistics)"
     mode = cfg.method.self_train_bn or cfg.model.bn if stage == "self_train" else cfg.model.bn
     return {"frozen": "frozen", "train": "trained", "sync": "trained, synced"}[mode]
 

@@ -80,10 +80,12 @@ def test_the_projection_head_is_absent_from_the_export(tiny_data):
 
 def test_backbone_contrast_keeps_its_statistics_where_inspect_reads_them(tiny_data):
     tmp, config = tiny_data
-    runner, _ = run(mt_config(config, contrast="backbone"))
+    cfg = mt_config(config, contrast="backbone")
+    # DAFormer's rare-class sampling of the source images, through the runner (class pixel counts cached).
+    cfg["data"] = {**cfg["data"], "stages": {"mean_teacher": {"sampling": "rare_class", "rare_class_min_pixels": 10}}}
+    runner, _ = run(cfg)
     ckpt = read_checkpoint(runner.final_path("mean-teacher"))
     assert set(ckpt["statistics"]) == {"features"} and set(ckpt["extra"]["modules"]) == {"teacher"}
-    width = ckpt["model"]["state_dict"]
     assert ckpt["statistics"]["features"]["mean"].shape[0] == 19
     assert float(ckpt["statistics"]["features"]["count"].sum()) > 0
 
@@ -132,3 +134,16 @@ def test_sepico_presets_resolve_to_the_recipe_facts(preset):
     table = format_recipe(cfg, 1)
     assert "mean-teacher" in table and "AdamW (0.9, 0.999), wd 0.01, head x10, poly 1, warm-up 1500" in table
     assert "adapt" not in table.splitlines()[1]  # the paper's later stages are not part of this recipe
+
+
+def test_cli_prints_the_mean_teacher_recipe_and_offers_the_stage():
+    from click.testing import CliRunner
+
+    from sdca.cli import main
+
+    result = CliRunner().invoke(main, ["train", "gta5_cityscapes_r101_mt", "--print-recipe"])
+    assert result.exit_code == 0, result.output
+    assert "source 1280x720, target 1280x640" in result.output and "frozen (teacher too)" in result.output
+    assert "rare_class" in result.output and "ClassMix, strong" in result.output
+    result = CliRunner().invoke(main, ["train", "--help"])
+    assert "mean-teacher" in result.output
