@@ -208,4 +208,7 @@ def test_a_format_1_checkpoint_still_loads_and_resumes_exactly(tiny_data):
     a = read_checkpoint(str(tmp / "runs" / "straight" / "adapt" / "final.pt"))
     b = read_checkpoint(str(tmp / "runs" / "resumed" / "adapt" / "final.pt"))
     assert a["step"] == b["step"] == 3 and b["format_version"] == 2
-    assert_same_training_state(a, b)
+    # The fixture's first two steps ran on another CPU (an Intel Xeon; CI machines vary, AMD EPYC too), whose
+    # float32 kernels round differently: its statistics agree with today's to the weights' tolerance, not to
+    # the one-machine 1e-6 (measured on an AMD EPYC: 5e-8 absolute, 2e-5 relative on near-zero covariances).
+    assert_same_training_state(a, b, statistics_tol=(1e-5, 1e-6))
