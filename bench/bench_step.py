@@ -9,7 +9,10 @@ allocation, or the rise of peak RSS on the CPU, both from before the first step)
   source    : one forward/backward on the source batch, CE + Lovász (the warm-up stage's step);
   control   : the adapt step's forwards on both domains but only the source losses (no statistics, no SDCA);
   adapt     : the engine's real AdaptStep (statistics update + feature- and output-level SDCA losses);
-  reference : the same AdaptStep on the pure-PyTorch reference ops (sdca.ops.reference_only()).
+  reference : the same AdaptStep on the pure-PyTorch reference ops (sdca.ops.reference_only());
+  mean-teacher      : the one-stage stage's step (teacher forward, ClassMix, strong augmentation, two student
+                      forwards, EMA), no contrastive term;
+  mean-teacher-proj : the same with SDCA's loss on a projection head (one more student and teacher forward).
 The adaptation overhead is (adapt - control) / source; the target is <= 25%. On CUDA the adapt worker also
 profiles one step and reports the SDCA ops' share of its device time (torch.profiler, the sdca:: op events).
 """
@@ -90,8 +93,30 @@ def make_setup(device: str, covariance: str, batch: int):
 
         with ops.reference_only():
             adapt_step.run_step(it)
+    from sdca.engine.config import MeanTeacherConfig
+    from sdca.engine.mean_teacher import MeanTeacherStep, make_teacher
+    from sdca.models.projection import ProjectionHead
+
+    def mean_teacher(contrast):
+        # Built on first use: the teacher copies the model as it is then (and adds its memory to this kind only).
+        cfg = MeanTeacherConfig(contrast=contrast, projection_dim=64)
+        head = ProjectionHead(model.feature_dim, 64).to(dev) if contrast == "projection" else None
+        stats = SemanticDistribution(19, 64 if head is not None else model.feature_dim, "diag", device=dev)
+        teacher_head = make_teacher(head) if head is not None else None
+        return MeanTeacherStep(model, optimizer, Same(src), Same(tgt), make_teacher(model), cfg, dev, None,
+                               DistInfo(), projection=head, teacher_projection=teacher_head,
+                               statistics=stats if contrast != "none" else None).run_step
+
+    lazy = {}
+
+    def mt(contrast):
+        def run(it):
+            if contrast not in lazy:
+                lazy[contrast] = mean_teacher(contrast)
+            return lazy[contrast](it)
+        return run
     return {"source": source_step.run_step, "control": control, "adapt": adapt_step.run_step,
-            "reference": reference}, model
+            "reference": reference, "mean-teacher": mt("none"), "mean-teacher-proj": mt("projection")}, model
 
 
 def kernel_share(fn) -> dict:
@@ -161,18 +186,21 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, help="images per domain (default: 1 on CUDA, as the paper per GPU; "
                                                    "2 on the CPU)")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in every worker (the cores are shared)")
     parser.add_argument("--fail-on-miss", action="store_true", help="exit with status 3 when the target is not met")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch is None:
         args.batch = 1 if args.device == "cuda" else 2
     if args.worker:
+        torch.set_num_threads(args.threads)
         print(json.dumps(measure(args.worker, args.device, args.covariance, args.repeat, args.batch)))
         return 0
     results = {}
-    for kind in ("source", "control", "adapt", "reference"):
+    for kind in ("source", "control", "adapt", "reference", "mean-teacher", "mean-teacher-proj"):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", kind, "--device", args.device, "--covariance",
-               args.covariance, "--repeat", str(args.repeat), "--batch", str(args.batch)]
+               args.covariance, "--repeat", str(args.repeat), "--batch", str(args.batch), "--threads",
+               str(args.threads)]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise SystemExit(f"{kind} step failed:\n{out.stderr}")
@@ -180,9 +208,9 @@ def main(argv=None):
     b = args.batch
     scale = (f"ResNet-101, {b} x 1280x720 + {b} x 1024x512" if args.device == "cuda"
              else f"small model, {b} + {b} x 256x128")
-    print(f"device: {args.device}, {scale}, covariance: {args.covariance}")
+    print(f"device: {args.device}, {scale}, covariance: {args.covariance}, {args.threads} thread(s)")
     for kind, r in results.items():
-        print(f"{kind:<9} {r['time_s'] * 1000:9.1f} ms   peak extra memory {r['peak_extra_bytes'] / 2**20:8.1f} MiB")
+        print(f"{kind:<17} {r["time_s"] * 1000:9.1f} ms   peak extra memory {r['peak_extra_bytes'] / 2**20:8.1f} MiB")
     overhead = (results["adapt"]["time_s"] - results["control"]["time_s"]) / results["source"]["time_s"]
     met = overhead <= 0.25
     print(f"adaptation overhead (adapt - control) / source = {100 * overhead:.1f}% "
@@ -190,6 +218,9 @@ def main(argv=None):
           f"adapt / source = {results['adapt']['time_s'] / results['source']['time_s']:.2f}x; "
           f"reference ops / extension = {results['reference']['time_s'] / results['adapt']['time_s']:.2f}x time, "
           f"{results['reference']['peak_extra_bytes'] / max(results['adapt']['peak_extra_bytes'], 1):.2f}x memory")
+    print(f"mean-teacher step / source = {results['mean-teacher']['time_s'] / results['source']['time_s']:.2f}x, "
+          f"/ adapt = {results['mean-teacher']['time_s'] / results['adapt']['time_s']:.2f}x; with SDCA's loss on a "
+          f"projection head / source = {results['mean-teacher-proj']['time_s'] / results['source']['time_s']:.2f}x")
     share = results["adapt"].get("sdca_share")
     if share is not None:
         per_op = ", ".join(f"{k} {v / 1e3:.2f} ms" for k, v in results["adapt"]["sdca_ops_us"].items())
