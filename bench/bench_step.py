@@ -210,7 +210,7 @@ def main(argv=None):
              else f"small model, {b} + {b} x 256x128")
     print(f"device: {args.device}, {scale}, covariance: {args.covariance}, {args.threads} thread(s)")
     for kind, r in results.items():
-        print(f"{kind:<17} {r["time_s"] * 1000:9.1f} ms   peak extra memory {r['peak_extra_bytes'] / 2**20:8.1f} MiB")
+        print(f"{kind:<17} {r['time_s'] * 1000:9.1f} ms   peak extra memory {r['peak_extra_bytes'] / 2**20:8.1f} MiB")
     overhead = (results["adapt"]["time_s"] - results["control"]["time_s"]) / results["source"]["time_s"]
     met = overhead <= 0.25
     print(f"adaptation overhead (adapt - control) / source = {100 * overhead:.1f}% "
