@@ -9,7 +9,8 @@ row is reported on a separate test split. Each finished piece is saved, so an in
 
 The one-stage mean teacher of SDCA's successor (SePiCo; stage mean-teacher) from each seed's source-only model,
 as many steps as the adapt stage, with the adaptation stages' SGD and learning rate: without any contrast, with
-SDCA's loss on a projection head, with it on the backbone features, and with ClassMix off. Its EMA alpha and
+SDCA's loss on a projection head, with it on the backbone features, with ClassMix off, and the plain one followed by
+AdaBN (does it lack only target batch-norm statistics?). Its EMA alpha and
 confidence threshold are chosen on validation first (no contrast), then the contrastive lambda and tau (on the
 projection head; the backbone row takes the same). Its runs carry the target labels for monitoring only (the
 teacher's pseudo-label precision over the stage); no loss reads them.
@@ -69,6 +70,7 @@ ROWS = [  # (key, label, batch norm during the run that made it)
     ("mt_proj", "mean teacher + SDCA loss on a projection head", "trained (teacher: batch statistics)"),
     ("mt_backbone", "mean teacher + SDCA loss on the backbone features", "trained (teacher: batch statistics)"),
     ("mt_nomix", "mean teacher, ClassMix off", "trained (teacher: batch statistics)"),
+    ("mt_adabn", "mean teacher + AdaBN", "re-estimated on target"),
 ]
 MT_ROWS = ("mt", "mt_proj", "mt_backbone", "mt_nomix")
 
@@ -182,19 +184,21 @@ class Experiment:
         cfg = self._cfg(key, seed, source_domain=domain)
         return self._scored_stage(key, cfg, ["source"], None, {})
 
-    def adabn(self, seed: int) -> dict:
+    def adabn(self, seed: int, after: Optional[str] = None) -> dict:
+        """AdaBN of seed's source-only model, or (``after``: a row's key) of that row's final model."""
         from ..data import build_transform
         from ..models import load_model, save_checkpoint
         from .batchnorm import recompute_batchnorm
         from .builders import build_dataset
 
-        key = f"s{seed}_adabn"
+        key = f"s{seed}_adabn" if after is None else f"{after}_adabn"
         done = self.result(key)
         if done:
             return done
         cfg = self._cfg(key, seed)
         start = time.time()
-        model = load_model(self.source(seed)["checkpoint"], device=self.device)
+        trained = self.source(seed) if after is None else self.result(after)
+        model = load_model(trained["checkpoint"], device=self.device)
         target = build_dataset(cfg.data.target, 19, build_transform(size=cfg.data.target_size))
         batches = recompute_batchnorm(model, target, batch_size=cfg.data.batch_size, device=self.device)
         path = os.path.join(self.out_dir, key, "final.pt")
@@ -363,6 +367,8 @@ class Experiment:
         """Result key of a row; adapted rows carry their setting, so a changed choice never reuses stale runs."""
         if row in ("source", "oracle", "adabn", "st_source"):
             return f"s{seed}_{row}"
+        if row == "mt_adabn":
+            return self.row_key("mt", seed, choice) + "_adabn"
         if row in MT_ROWS:
             chosen = self.mt_choice(run=False)  # never starts a run: a report of a partial sweep lists no MT rows
             return f"s{seed}_{row}_" + (self.mt_tag(chosen[row]) if chosen else "unchosen")
@@ -378,6 +384,9 @@ class Experiment:
             return self.adapt(key, seed, "public", choice)
         if row == "sdca_st":
             return self.self_train(key, seed, self.adapted("sdca_paper", seed, choice))
+        if row == "mt_adabn":
+            self.adapted("mt", seed, choice)
+            return self.adabn(seed, after=self.row_key("mt", seed, choice))
         if row in MT_ROWS:
             return self.mean_teacher(key, seed, self.mt_choice()[row])
         raise ValueError(f"unknown row {row!r}")
@@ -421,6 +430,7 @@ def run_experiment(out_dir: str = "runs/experiment", *, seeds: Sequence[int] = (
         parallel([("source", (s, "sim")) for s in seeds])
         log(f"experiment: AdaBN and the mean teacher at {MT_DEFAULT} ({time.time() - start:.0f} s so far)")
         parallel([("adabn", (s,)) for s in seeds] + [("adapted", ("mt", s, choice)) for s in seeds])
+        parallel([("adapted", ("mt_adabn", s, choice)) for s in seeds])  # is what it lacks batch-norm statistics?
         log(f"experiment: the oracle and SDCA's loss on the projection head ({time.time() - start:.0f} s so far)")
         parallel([("source", (s, "real")) for s in seeds] + [("adapted", ("mt_proj", s, choice)) for s in seeds])
         log(f"experiment: self-training from source-only, the lambda = 0 control ({time.time() - start:.0f} s so far)")
@@ -453,7 +463,7 @@ def run_experiment(out_dir: str = "runs/experiment", *, seeds: Sequence[int] = (
     parallel([("mt_sweep_point", (p,)) for p in exp.mt_sweep_threshold()])
     parallel([("mt_sweep_point", (p,)) for p in exp.mt_sweep_contrast()])
     log(f"experiment: mean teacher chosen on validation: {exp.mt_choice()}; its rows for every seed")
-    parallel([("adapted", (row, s, choice)) for s in seeds for row in MT_ROWS])
+    parallel([("adapted", (row, s, choice)) for s in seeds for row in MT_ROWS + ("mt_adabn",)])
     log("experiment: sdca inspect on the seed-0 model of each row")
     parallel([("inspect_row", (row, choice)) for row, _, _ in ROWS])
     path = write_report(exp, seeds, choice)
@@ -617,7 +627,7 @@ def _inspected(exp: Experiment, choice: dict) -> List[str]:
         results, {row: f"inspect/{row}" for row in results})
 
 
-RECIPES = ("sdca_paper", "sdca_public", "sdca_st") + MT_ROWS
+RECIPES = ("sdca_paper", "sdca_public", "sdca_st") + MT_ROWS + ("mt_adabn",)
 CONTROLS = ("source", "adabn", "control", "st_source")
 
 
