@@ -28,9 +28,6 @@ from .distributed import DistInfo
 from .loop import check_finite
 from .steps import IGNORE, StepBase, pixel_rows, statistics_rows
 
-TERMS = ("ce", "lovasz", "mix", "contrast")
-
-
 def make_teacher(module: nn.Module) -> nn.Module:
     """A copy that no optimizer trains: gradients off, dropout off (its batch norms stay in train mode and
     normalise with batch statistics, as DAFormer's teacher does)."""
@@ -80,11 +77,10 @@ class MeanTeacherStep(StepBase):
                 return head(features.float())
         return head(features.float())
 
-    def _contrast(self, s_maps, s_labels, t_maps, t_labels) -> torch.Tensor:
+    def _contrast(self, s_maps, s_lab, t_maps, t_labels) -> torch.Tensor:
+        """``s_lab``: the source labels already at the feature size, flat; ``t_labels``: full-size pseudo-labels."""
         c = self.cfg
-        size = s_maps.shape[-2:]
-        s_lab = majority_downsample_labels(s_labels, size, self.num_classes, c.label_ratio).reshape(-1)
-        t_lab = majority_downsample_labels(t_labels, size, self.num_classes, c.label_ratio).reshape(-1)
+        t_lab = majority_downsample_labels(t_labels, s_maps.shape[-2:], self.num_classes, c.label_ratio).reshape(-1)
         mean, cov = self.statistics.mean.float(), self.statistics.covariance.float()
         kwargs = dict(tau=c.tau, variant=c.variant, normalize=True, check_labels=False)
         return (sdca_loss(pixel_rows(s_maps), s_lab, mean, cov, **kwargs)
@@ -100,17 +96,7 @@ class MeanTeacherStep(StepBase):
         share that are k)."""
         c = self.cfg
         weights = {"ce": 1.0, "lovasz": c.lambda_lov, "mix": 1.0, "contrast": c.lambda_contrast}
-        out: Dict[str, float] = {}
-        for name, weight in weights.items():
-            term = terms.get(f"loss_{name}")
-            if term is None or not term.requires_grad or weight == 0:
-                continue
-            grads = torch.autograd.grad(weight * term, features, retain_graph=True, allow_unused=True)
-            parts = [g.float().norm() for g in grads if g is not None]
-            out[f"gradnorm_{name}"] = float(torch.stack(parts).norm()) if parts else 0.0
-        for name in ("lovasz", "mix", "contrast"):
-            if f"gradnorm_{name}" in out and out.get("gradnorm_ce", 0) > 0:
-                out[f"gradshare_{name}"] = out[f"gradnorm_{name}"] / out["gradnorm_ce"]
+        out = self.gradient_shares(terms, weights, features)
         if truth is not None:
             with torch.no_grad():
                 truth = truth.to(pseudo.device)
@@ -165,12 +151,13 @@ class MeanTeacherStep(StepBase):
                 teacher_s = self.teacher(self.model_input(s_img))
             with torch.no_grad():
                 t_maps = self._features(teacher_s.features, teacher=True)
-                t_labels = majority_downsample_labels(labels, t_maps.shape[-2:], self.num_classes, c.label_ratio)
-                self.statistics.update(statistics_rows(pixel_rows(t_maps), c.variant), t_labels.reshape(-1),
-                                       sync=self.dist.enabled)
+                # One labelling of the source feature pixels: the teacher's maps and the student's share a size.
+                s_lab = majority_downsample_labels(labels, t_maps.shape[-2:], self.num_classes,
+                                                   c.label_ratio).reshape(-1)
+                self.statistics.update(statistics_rows(pixel_rows(t_maps), c.variant), s_lab, sync=self.dist.enabled)
             # Target pixels of weight 0 (the ignored rows) carry no pseudo-label.
             target_labels = torch.where(weight > 0, pseudo, torch.full_like(pseudo, IGNORE))
-            terms["loss_contrast"] = self._contrast(self._features(s_out.features), labels,
+            terms["loss_contrast"] = self._contrast(self._features(s_out.features), s_lab,
                                                     self._features(t_out.features), target_labels)
         check_finite(terms, iteration, self.dist)
         extra = {}

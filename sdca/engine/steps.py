@@ -123,6 +123,25 @@ class StepBase:
             terms["loss_lovasz"] = lovasz_softmax(torch.softmax(up, dim=1), labels, ignore_index=IGNORE)
         return terms
 
+    @staticmethod
+    def gradient_shares(terms: Dict[str, torch.Tensor], weights: Dict[str, float],
+                        features: List[torch.Tensor]) -> Dict[str, float]:
+        """``gradnorm_<name>``: the norm, over all of ``features`` (the step's feature maps), of the gradient of
+        ``weights[name] * terms["loss_<name>"]``; ``gradshare_<name>``: its ratio to CE's (``name`` "ce"). Terms
+        absent from the graph are left out."""
+        out: Dict[str, float] = {}
+        for name, weight in weights.items():
+            term = terms.get(f"loss_{name}")
+            if term is None or not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(weight * term, features, retain_graph=True, allow_unused=True)
+            parts = [g.float().norm() for g in grads if g is not None]
+            out[f"gradnorm_{name}"] = float(torch.stack(parts).norm()) if parts else 0.0
+        for name in weights:
+            if name != "ce" and f"gradnorm_{name}" in out and out.get("gradnorm_ce", 0) > 0:
+                out[f"gradshare_{name}"] = out[f"gradnorm_{name}"] / out["gradnorm_ce"]
+        return out
+
     def state_dict(self) -> dict:
         return {"scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
@@ -188,17 +207,7 @@ class AdaptStep(StepBase):
         """
         m = self.method
         weights = {"ce": 1.0, "lovasz": m.lambda_lov, "feat": m.lambda_feat, "out": m.lambda_out}
-        out: Dict[str, float] = {}
-        for name, weight in weights.items():
-            term = terms.get(f"loss_{name}")
-            if term is None or not term.requires_grad:
-                continue
-            grads = torch.autograd.grad(weight * term, features, retain_graph=True, allow_unused=True)
-            parts = [g.float().norm() for g in grads if g is not None]  # the norm over both domains' maps
-            out[f"gradnorm_{name}"] = float(torch.stack(parts).norm()) if parts else 0.0
-        for name in ("lovasz", "feat", "out"):
-            if f"gradnorm_{name}" in out and out.get("gradnorm_ce", 0) > 0:
-                out[f"gradshare_{name}"] = out[f"gradnorm_{name}"] / out["gradnorm_ce"]
+        out = self.gradient_shares(terms, weights, features)
         with torch.no_grad():
             k = t_logits.shape[1]
             pred = t_logits.argmax(1).reshape(-1)
