@@ -9,9 +9,7 @@
 namespace sdca {
 
 // Accumulation type: float64 stays float64, everything else (float32, float16, bfloat16) runs in float32.
-inline at::ScalarType accumulation_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
+inline at::ScalarType accumulation_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_labels_tensor(const at::Tensor& labels, int64_t n, const char* op) {
   TORCH_CHECK(labels.dim() == 1, op, ": labels must be 1-D, got shape ", labels.sizes());

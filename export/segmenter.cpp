@@ -39,12 +39,14 @@ Segmenter::Segmenter(const std::string& model_path) {
   const auto precision = props.find("precision");
   if (precision != props.end() && precision->second == "int8")
     // OpenCV's ONNX importer (4.6) rejects the QDQ pairs ONNX Runtime's quantizer writes (per-channel weights).
-    throw std::runtime_error(model_path + ": an INT8 (QDQ) model, which OpenCV's DNN module cannot import; run it "
+    throw std::runtime_error(model_path +
+                             ": an INT8 (QDQ) model, which OpenCV's DNN module cannot import; run it "
                              "with ONNX Runtime (its C++ API, or `sdca infer` / `sdca serve`) or TensorRT, or "
                              "export a float32 model for this consumer");
   const auto size = number_list(require(props, "input_size", model_path));
   if (size.size() != 2)
-    throw std::runtime_error(model_path + ": the model takes any input size; export it with --static-size WxH for "
+    throw std::runtime_error(model_path +
+                             ": the model takes any input size; export it with --static-size WxH for "
                              "OpenCV's DNN module, which needs fixed shapes");
   input_size_ = cv::Size(static_cast<int>(size[0]), static_cast<int>(size[1]));
   const auto mean = number_list(require(props, "mean", model_path));

@@ -7,9 +7,8 @@
 
 namespace sdca {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(const at::Tensor& features,
-                                                                  const at::Tensor& labels, int64_t num_classes,
-                                                                  bool full, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(const at::Tensor& features, const at::Tensor& labels,
+                                                                 int64_t num_classes, bool full, int64_t ignore_index);
 
 // Merges one batch into running statistics (count [K] int64, mean [K, A], covariance [K, A, A] or [K, A], all
 // contiguous, mean and covariance of one floating type) by Eq. 3-4, in place.
@@ -19,9 +18,8 @@ void update_statistics_cpu(at::Tensor& count, at::Tensor& mean, at::Tensor& cova
 #ifdef WITH_CUDA
 void update_statistics_cuda(at::Tensor& count, at::Tensor& mean, at::Tensor& covariance, const at::Tensor& features,
                             const at::Tensor& labels, int64_t ignore_index);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(const at::Tensor& features,
-                                                                   const at::Tensor& labels, int64_t num_classes,
-                                                                   bool full, int64_t ignore_index);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(const at::Tensor& features, const at::Tensor& labels,
+                                                                  int64_t num_classes, bool full, int64_t ignore_index);
 #endif
 
 inline void check_moments_inputs(const at::Tensor& features, const at::Tensor& labels, int64_t num_classes) {
@@ -46,7 +44,8 @@ inline void check_update_inputs(const at::Tensor& count, const at::Tensor& mean,
   TORCH_CHECK(mean.scalar_type() == at::kFloat || mean.scalar_type() == at::kDouble, op,
               ": mean must be float32 or float64");
   TORCH_CHECK(covariance.scalar_type() == mean.scalar_type(), op, ": covariance and mean must share a dtype");
-  const bool full = covariance.dim() == 3 && covariance.size(0) == K && covariance.size(1) == A && covariance.size(2) == A;
+  const bool full =
+      covariance.dim() == 3 && covariance.size(0) == K && covariance.size(1) == A && covariance.size(2) == A;
   const bool diag = covariance.dim() == 2 && covariance.size(0) == K && covariance.size(1) == A;
   TORCH_CHECK(full || diag, op, ": covariance must be [K, A, A] or [K, A], got shape ", covariance.sizes());
   TORCH_CHECK(count.is_contiguous() && mean.is_contiguous() && covariance.is_contiguous(), op,

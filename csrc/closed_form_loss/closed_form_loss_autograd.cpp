@@ -18,11 +18,11 @@ using torch::autograd::variable_list;
 std::tuple<at::Tensor, at::Tensor> call_kernel(const at::Tensor& q, const at::Tensor& labels, const at::Tensor& mean,
                                                const at::Tensor& covariance, double tau, bool normalize,
                                                int64_t ignore_index, bool compute_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("sdca::closed_form_loss", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                 const at::Tensor&, const at::Tensor&, double, bool,
-                                                                 int64_t, bool)>();
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sdca::closed_form_loss", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                    const at::Tensor&, double, bool, int64_t, bool)>();
   return op.call(q, labels, mean, covariance, tau, normalize, ignore_index, compute_grad);
 }
 

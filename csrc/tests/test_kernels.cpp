@@ -113,13 +113,15 @@ TEST(ClosedFormLoss, NormalisedGradientIsProjected) {
   auto [loss, grad] = sdca::closed_form_loss_cpu(p.q, p.labels, p.mean, p.cov, 0.5, true, kIgnore, true);
   const at::Tensor radial = (grad * p.q).sum(1);
   EXPECT_LT(radial.abs().max().item<double>(), 1e-12);
-  auto [loss_scaled, unused] = sdca::closed_form_loss_cpu(p.q * 3.0, p.labels, p.mean, p.cov, 0.5, true, kIgnore, false);
+  auto [loss_scaled, unused] =
+      sdca::closed_form_loss_cpu(p.q * 3.0, p.labels, p.mean, p.cov, 0.5, true, kIgnore, false);
   EXPECT_TRUE(at::allclose(loss, loss_scaled, 1e-12, 1e-12));
   EXPECT_EQ(unused.numel(), 0);
 }
 
 TEST(ClosedFormLoss, RegisteredWithTheDispatcher) {
-  auto op = c10::Dispatcher::singleton().findSchemaOrThrow("sdca::closed_form_loss", "")
+  auto op = c10::Dispatcher::singleton()
+                .findSchemaOrThrow("sdca::closed_form_loss", "")
                 .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                           const at::Tensor&, double, bool, int64_t, bool)>();
   Problem p = make_problem(9, 4, 3, false, at::kFloat, 4);

@@ -123,17 +123,15 @@ void merge_class(state_t* sigma, const gram_t* gram, double gram_scale, const do
       const gram_t* grow = gram + i * A;
       const double di = ab * delta[i];
 #pragma omp simd
-      for (int64_t j = 0; j < A; ++j)
-        row[j] = static_cast<state_t>(a * row[j] + bs * grow[j] + di * delta[j]);
+      for (int64_t j = 0; j < A; ++j) row[j] = static_cast<state_t>(a * row[j] + bs * grow[j] + di * delta[j]);
     }
   });
 }
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(const at::Tensor& features,
-                                                                  const at::Tensor& labels, int64_t num_classes,
-                                                                  bool full, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cpu(const at::Tensor& features, const at::Tensor& labels,
+                                                                 int64_t num_classes, bool full, int64_t ignore_index) {
   check_moments_inputs(features, labels, num_classes);
   TORCH_CHECK(features.device().is_cpu(), "sdca::class_moments (CPU kernel): features must be a CPU tensor");
   const int64_t A = features.size(1), K = num_classes;
@@ -188,12 +186,12 @@ void update_statistics_cpu(at::Tensor& count, at::Tensor& mean, at::Tensor& cova
         const at::Tensor rows = centred_rows(x, b, k, batch_mean);
         at::mm_out(gram, rows.t(), rows);
         AT_DISPATCH_FLOATING_TYPES(gram.scalar_type(), "update_statistics_merge", [&] {
-          merge_class<state_t, scalar_t>(sigma + k * A * A, gram.data_ptr<scalar_t>(), 1.0 / m, delta.data(),
-                                         w_old, w_new, A, true);
+          merge_class<state_t, scalar_t>(sigma + k * A * A, gram.data_ptr<scalar_t>(), 1.0 / m, delta.data(), w_old,
+                                         w_new, A, true);
         });
       } else {
-        merge_class<state_t, double>(sigma + k * A, var64.data_ptr<double>() + k * A, 1.0, delta.data(), w_old,
-                                     w_new, A, false);
+        merge_class<state_t, double>(sigma + k * A, var64.data_ptr<double>() + k * A, 1.0, delta.data(), w_old, w_new,
+                                     A, false);
       }
       for (int64_t i = 0; i < A; ++i) mu[k * A + i] = static_cast<state_t>(mu[k * A + i] + w_new * delta[i]);
       cp[k] += m;

@@ -25,10 +25,10 @@
 namespace sdca {
 namespace {
 
-constexpr int kColumns = 128;              // threads per block, one column each
-constexpr int64_t kClassWindow = 48;       // 48 classes x 128 columns x 8 bytes = 48 KiB of shared memory
-constexpr int kUnroll = 4;                 // rows loaded before they are accumulated (loads in flight)
-constexpr int64_t kMaxChunks = 65535;      // gridDim.y
+constexpr int kColumns = 128;          // threads per block, one column each
+constexpr int64_t kClassWindow = 48;   // 48 classes x 128 columns x 8 bytes = 48 KiB of shared memory
+constexpr int kUnroll = 4;             // rows loaded before they are accumulated (loads in flight)
+constexpr int64_t kMaxChunks = 65535;  // gridDim.y
 constexpr int64_t kPartialBudgetBytes = int64_t(256) << 20;
 
 // Sums (center == nullptr) or centred squares of column a over rows [chunk * rows, ...) for the classes
@@ -37,8 +37,7 @@ template <typename scalar_t>
 __global__ void __launch_bounds__(kColumns)
     class_sums_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ labels, int64_t N, int64_t A,
                       int64_t K, int64_t ignore_index, int64_t k0, int64_t kw, int64_t rows_per_chunk,
-                      const double* __restrict__ center,
-                      double* __restrict__ partial) {
+                      const double* __restrict__ center, double* __restrict__ partial) {
   extern __shared__ double acc[];  // [kw, kColumns]; thread t only ever touches column t
   const int t = threadIdx.x;
   const int64_t a = int64_t(blockIdx.x) * kColumns + t;
@@ -128,9 +127,9 @@ at::Tensor rows_by_class(const at::Tensor& lab, int64_t K, int64_t ignore_index)
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(const at::Tensor& features,
-                                                                   const at::Tensor& labels, int64_t num_classes,
-                                                                   bool full, int64_t ignore_index) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> class_moments_cuda(const at::Tensor& features, const at::Tensor& labels,
+                                                                  int64_t num_classes, bool full,
+                                                                  int64_t ignore_index) {
   check_moments_inputs(features, labels, num_classes);
   TORCH_CHECK(features.is_cuda(), "sdca::class_moments (CUDA kernel): features must be a CUDA tensor");
   c10::cuda::CUDAGuard guard(features.device());
@@ -180,7 +179,7 @@ void update_statistics_cuda(at::Tensor& count, at::Tensor& mean, at::Tensor& cov
   const at::Tensor n64 = count.to(at::kDouble), m64 = m.to(at::kDouble);
   const at::Tensor total = (n64 + m64).clamp_min(1);
   const at::Tensor b = (m64 / total).unsqueeze(1), a = 1.0 - b;  // [K, 1], float64
-  const at::Tensor delta = batch_mean - mean.to(at::kDouble);  // [K, A], float64
+  const at::Tensor delta = batch_mean - mean.to(at::kDouble);    // [K, A], float64
   if (!full) {
     // Every class at once, on device: var <- a var + b var' + a b d^2, mean <- mean + b d.
     const at::Tensor merged = covariance.to(at::kDouble).mul(a).add_(batch_var.mul(b)).add_(delta.square().mul_(a * b));

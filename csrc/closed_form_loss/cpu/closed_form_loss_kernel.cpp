@@ -140,10 +140,10 @@ SDCA_INLINE void diag_rows_impl(const scalar_t* q, const int64_t* labels, int64_
 }
 
 // One clone set per input/accumulation type pair (target_clones needs plain functions, not templates).
-#define SDCA_DIAG_ROWS(NAME, SCALAR, ACC)                                                                          \
-  SDCA_CPU_CLONES void NAME(const SCALAR* q, const int64_t* labels, int64_t ignore_index, const Params<ACC>& p,   \
-                            int64_t begin, int64_t end, ACC* loss, ACC* grad, ACC* scratch) {                     \
-    diag_rows_impl<SCALAR, ACC>(q, labels, ignore_index, p, begin, end, loss, grad, scratch);                      \
+#define SDCA_DIAG_ROWS(NAME, SCALAR, ACC)                                                                       \
+  SDCA_CPU_CLONES void NAME(const SCALAR* q, const int64_t* labels, int64_t ignore_index, const Params<ACC>& p, \
+                            int64_t begin, int64_t end, ACC* loss, ACC* grad, ACC* scratch) {                   \
+    diag_rows_impl<SCALAR, ACC>(q, labels, ignore_index, p, begin, end, loss, grad, scratch);                   \
   }
 SDCA_DIAG_ROWS(diag_rows, float, float)
 SDCA_DIAG_ROWS(diag_rows, double, double)
@@ -185,11 +185,11 @@ SDCA_INLINE void full_rows_impl(const acc_t* qt, const acc_t* divisor, const int
   }
 }
 
-#define SDCA_FULL_ROWS(NAME, ACC)                                                                                 \
-  SDCA_CPU_CLONES void NAME(const ACC* qt, const ACC* divisor, const int64_t* rows, const int64_t* labels,          \
-                            const ACC* products, int64_t class_stride, const Params<ACC>& p, int64_t begin,        \
-                            int64_t end, ACC* loss, ACC* grad, ACC* scratch) {                                     \
-    full_rows_impl<ACC>(qt, divisor, rows, labels, products, class_stride, p, begin, end, loss, grad, scratch);  \
+#define SDCA_FULL_ROWS(NAME, ACC)                                                                               \
+  SDCA_CPU_CLONES void NAME(const ACC* qt, const ACC* divisor, const int64_t* rows, const int64_t* labels,      \
+                            const ACC* products, int64_t class_stride, const Params<ACC>& p, int64_t begin,     \
+                            int64_t end, ACC* loss, ACC* grad, ACC* scratch) {                                  \
+    full_rows_impl<ACC>(qt, divisor, rows, labels, products, class_stride, p, begin, end, loss, grad, scratch); \
   }
 SDCA_FULL_ROWS(full_rows, float)
 SDCA_FULL_ROWS(full_rows, double)
@@ -265,8 +265,8 @@ std::tuple<at::Tensor, at::Tensor> closed_form_loss_cpu(const at::Tensor& q, con
   {
     const int64_t* l = lab.data_ptr<int64_t>();
     for (int64_t r = 0; r < N; ++r)
-      TORCH_CHECK(l[r] == ignore_index || (l[r] >= 0 && l[r] < K), "sdca::closed_form_loss: labels must lie in [0, ",
-                  K, ") or equal ignore_index ", ignore_index, ", got ", l[r]);
+      TORCH_CHECK(l[r] == ignore_index || (l[r] >= 0 && l[r] < K), "sdca::closed_form_loss: labels must lie in [0, ", K,
+                  ") or equal ignore_index ", ignore_index, ", got ", l[r]);
   }
   // Every row is written by the kernels (ignored rows with zeros), so no zero-fill pass is needed.
   at::Tensor loss = at::empty({N}, mean_a.options());
@@ -275,8 +275,13 @@ std::tuple<at::Tensor, at::Tensor> closed_form_loss_cpu(const at::Tensor& q, con
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, qc.scalar_type(), "closed_form_loss_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const Params<acc_t> p{mean_a.data_ptr<acc_t>(), cov_a.dim() == 2 ? cov_a.data_ptr<acc_t>() : nullptr, K, A,
-                          acc_t(1) / acc_t(tau), acc_t(1) / acc_t(tau * tau), normalize};
+    const Params<acc_t> p{mean_a.data_ptr<acc_t>(),
+                          cov_a.dim() == 2 ? cov_a.data_ptr<acc_t>() : nullptr,
+                          K,
+                          A,
+                          acc_t(1) / acc_t(tau),
+                          acc_t(1) / acc_t(tau * tau),
+                          normalize};
     acc_t* lp = loss.data_ptr<acc_t>();
     acc_t* gp = compute_grad ? grad.data_ptr<acc_t>() : nullptr;
     if (cov_a.dim() == 3) {

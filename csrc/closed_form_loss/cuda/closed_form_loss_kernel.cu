@@ -399,8 +399,7 @@ __global__ void full_row_kernel(const acc_t* __restrict__ vt, const acc_t* __res
   const acc_t inv_d = divisor != nullptr ? acc_t(1) / divisor[i] : acc_t(1);
   for (int64_t a = threadIdx.x; a < A; a += blockDim.x) {
     acc_t g = 0;
-    for (int64_t k = 0; k < K; ++k)
-      g += lin[k] * mean[k * A + a] + quad[k] * products[k * class_stride + i * A + a];
+    for (int64_t k = 0; k < K; ++k) g += lin[k] * mean[k * A + a] + quad[k] * products[k * class_stride + i * A + a];
     grad[i * A + a] = (g - along * vr[a]) * inv_d;
   }
 }
