@@ -1,4 +1,5 @@
 # Fresh machine:  make doctor   (set-up + report what this installation can do)
+#                 make lint     (set-up + ruff and clang-format checks; CI runs it before the tests)
 #                 make test     (set-up + C++ kernel tests + the Python test suite)
 PYTHON ?= python3
 VENV   ?= .venv
@@ -11,7 +12,7 @@ comma  := ,
 EXTRAS := dev$(if $(ROS_DISTRO),,$(comma)ros)
 SOURCES := pyproject.toml setup.py constraints.txt $(shell find csrc -type f 2>/dev/null)
 
-.PHONY: setup test cpp-test py-test doctor demo bench system-deps clean
+.PHONY: setup test cpp-test py-test lint doctor demo bench system-deps clean
 
 setup: $(STAMP)
 
@@ -56,6 +57,12 @@ py-test: setup
 	  $(BIN)/python -m pytest -q tests
 
 test: cpp-test py-test
+
+# ruff (lint and import order; config in pyproject.toml) and clang-format (.clang-format) over the C++ and CUDA.
+CXX_SOURCES := $(shell git ls-files 'csrc/*.cpp' 'csrc/*.h' 'csrc/*.cu' 'csrc/*.cuh' 'export/*.cpp' 'export/*.h' 2>/dev/null)
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/clang-format --dry-run -Werror $(CXX_SOURCES)
 
 bench: setup
 	$(BIN)/python bench/bench_kernels.py

@@ -22,13 +22,14 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
 
 def cpu_int8_features() -> list:
     try:
-        flags = open("/proc/cpuinfo").read().split()
+        flags = Path("/proc/cpuinfo").read_text().split()
     except OSError:
         return []
     return sorted({f for f in flags if f in ("avx512_vnni", "avx_vnni", "amx_int8", "amx_tile", "avx512_bf16")})
@@ -126,9 +127,13 @@ def qdq_errors(float_path, int8_path, frames, tmp) -> dict:
     float model and the INT8 one on the same frames ('xmodel_err'), and the error the tensor's own QDQ pair
     adds ('qdq_err')."""
     from onnxruntime.quantization import CalibrationDataReader
-    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
-                                                         create_activation_matching,
-                                                         modify_model_output_intermediate_tensors)
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
+
     from sdca_serve.metadata import session_metadata
     from sdca_serve.runtime import preprocess
 
@@ -205,7 +210,7 @@ def main(argv=None):
                   "int8+Resize": ("onnxruntime", all_int8, "f32"), "int8-s8s8": ("onnxruntime", s8s8_path, "f32"),
                   **runtime_models(float_path, int8_path)}
         rows = timed(models, size, args.repeat)
-        for name, (runtime, path, precision) in models.items():
+        for name, (runtime, path, _) in models.items():
             if runtime == "onnxruntime":
                 rows[name].update(miou=miou(path, frames, labels), integer_convs=integer_convs(path))
             rows[name]["frames_per_s"] = rows[name]["frames_per_s_1t"]

@@ -5,7 +5,8 @@
 The node (``python -m sdca_serve.ros``, its own process, started from the export's NAME.ros2.yaml with
 ``size`` set to the frames' size, so neither side resizes) gets 1024x512 ``rgb8`` frames one at a time: the
 next is published when the previous one's labels arrive, so the figure is what the node sustains without
-dropping (a strict round trip: publishing, transport and the two outputs are not overlapped with inference). `sdca infer` (``run_inference``, batch 1, the same ONNX Runtime thread count) segments the same frames
+dropping (a strict round trip: publishing, transport and the two outputs are not overlapped with inference).
+`sdca infer` (``run_inference``, batch 1, the same ONNX Runtime thread count) segments the same frames
 from PNG files, reading and writing them, as a user runs it. Target: the node >= 90% of `sdca infer`'s
 frames/s. Needs rclpy (``make setup`` installs the ROS 2 wheels).
 """
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         node = subprocess.Popen([sys.executable, "-m", "sdca_serve.ros", "--ros-args", "--params-file",
                                  os.path.join(tmp, "model.ros2.yaml"), "-p", f"size:={w}x{h}",
                                  "-p", f"threads:={args.threads}", "-p", f"qos:={args.qos}"],
-                                stdout=open(os.path.join(tmp, "node.log"), "w"), stderr=subprocess.STDOUT)
+                                stdout=open(os.path.join(tmp, "node.log"), "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 -- the node writes to it until it is stopped
         rclpy.init()
         peer = rclpy.create_node("sdca_bench_peer")
         pub = peer.create_publisher(ImageMsg, "image", QoSProfile(depth=1, reliability=ReliabilityPolicy.RELIABLE))
@@ -97,7 +99,7 @@ def main(argv=None) -> int:
                 if answered(f"warm-{attempt}", 1.0):
                     break
             else:
-                raise SystemExit("the node never answered:\n" + open(os.path.join(tmp, "node.log")).read())
+                raise SystemExit("the node never answered:\n" + Path(os.path.join(tmp, "node.log")).read_text())
             start = time.perf_counter()
             for i, frame in enumerate(frames):
                 # One frame in flight: with the node's keep-last-1 subscription a second one sent before the first

@@ -16,7 +16,6 @@ import os
 import tempfile
 import urllib.request
 
-import numpy as np
 from PIL import Image
 
 

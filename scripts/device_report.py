@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 
 def load_json(path):
@@ -40,7 +41,7 @@ def test_summary(path):
 def main(argv):
     out = argv[1]
     statuses = dict(zip(("build", "tests", "kernels", "step"), map(int, argv[2:6])))
-    device = open(os.path.join(out, "device.txt")).read().strip() if os.path.exists(os.path.join(out, "device.txt")) else ""
+    device = Path(os.path.join(out, "device.txt")).read_text().strip() if os.path.exists(os.path.join(out, "device.txt")) else ""
     report = {"device": device, "status": statuses, "tests": test_summary(os.path.join(out, "tests.xml")),
               "kernels": load_json(os.path.join(out, "bench_kernels.json")),
               "step": {cov: load_json(os.path.join(out, f"bench_step_{cov}.json")) for cov in ("full", "diag")}}

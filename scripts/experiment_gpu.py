@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sdca.engine.experiment import LITE0_PLAN, Experiment  # noqa: E402
+from sdca.engine.experiment import LITE0_PLAN, Experiment
 
 SDCA_CHOICE = {"bn": "target", "lam": 0.1, "tau": 0.5}
 MT_PLAIN = {"alpha": 0.999, "thr": 0.968}

@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -67,7 +68,7 @@ def main() -> None:
     runner = Runner(cfg, progress=True)
     runner.train(["source"])
     scores = score(load_model(runner.final_path("source")))
-    losses = [json.loads(line) for line in open(os.path.join(args.out, name, "metrics.jsonl"))]
+    losses = [json.loads(line) for line in Path(os.path.join(args.out, name, "metrics.jsonl")).read_text().splitlines()]
     ce = [r["loss_ce"] for r in losses if r.get("stage") == "source" and "loss_ce" in r and "done" not in r]
     result = {"name": name, "val_mIoU": scores["val"], "test_mIoU": scores["test"], "first_ce": ce[0],
               "max_ce": max(ce), "last_ce": ce[-1], "seconds": round(time.time() - start, 1)}

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import yaml
@@ -61,8 +62,8 @@ def fabricate(out, n_gta, n_city, n_val, gta_size, city_size):
     w, h = gta_size
     Image.fromarray(np.full((h // 2, w // 2), 7, np.uint8)).save(os.path.join(out, "gta5", "labels", "00001.png"))
     frame = os.path.join(out, "gta5", "images", "00002.png")
-    data = open(frame, "rb").read()
-    open(frame, "wb").write(data[: len(data) // 3])
+    data = Path(frame).read_bytes()
+    Path(frame).write_bytes(data[: len(data) // 3])
 
 
 def _write_frame(args):
@@ -199,7 +200,7 @@ def main(argv=None) -> int:
     step("fp32: every stage, one process")
     try:
         Measuring(load_config(cfg_path), progress=False).train()
-    except Exception as exc:  # noqa: BLE001 - reported, the rest still runs
+    except Exception as exc:
         fail(f"fp32 pipeline: {type(exc).__name__}: {exc}")
     run = os.path.join(out, "runs", "fp32")
     for stage in ("source", "init-stats", "adapt", "self-train"):
@@ -219,7 +220,7 @@ def main(argv=None) -> int:
         cfg = load_config(cfg_path, [], name=amp, amp=amp, stages=["adapt"])
         try:
             Measuring(cfg, progress=False, init_checkpoint=init).train()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             fail(f"{amp} adapt: {type(exc).__name__}: {exc}")
         figures = stage_figures(os.path.join(out, "runs", amp), "adapt", images["adapt"])
         report["stages"].setdefault(f"{amp}/adapt", {}).update({k: v for k, v in figures.items() if k != "losses"})

@@ -15,5 +15,5 @@ _EXPORTS = {
     "build_model": "sdca.models", "load_model": "sdca.models",
 }
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["__version__"] + list(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(globals(), _EXPORTS)

@@ -225,7 +225,8 @@ def evaluate(checkpoint, kind, root, split, labels, mapping, city, list_file, si
     """Score CHECKPOINT on a labelled split: per-class IoU, mIoU (and the 13-class mIoU* for 16-class models,
     tail-class mIoU for 19-class ones). Predictions are resized to each label's resolution."""
     from ._atomic import atomic_write_text
-    from .engine import evaluate as run_evaluate, format_table
+    from .engine import evaluate as run_evaluate
+    from .engine import format_table
     from .engine.evaluator import standard_subsets
     from .method import SemanticDistribution
     from .models import read_checkpoint
@@ -319,7 +320,7 @@ def experiment(out, model, seeds, jobs, quick, mean_teacher_only):
     try:
         seed_list = [int(s) for s in seeds.split(",") if s.strip()]
     except ValueError:
-        raise click.BadParameter(f"must be comma-separated integers, got {seeds!r}", param_hint="--seeds")
+        raise click.BadParameter(f"must be comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
     if not seed_list or 0 not in seed_list:
         raise click.BadParameter("must include seed 0 (the validation sweep runs on it)", param_hint="--seeds")
     out = out or ("runs/experiment" if model == "small" else f"runs/experiment-{model}")

@@ -18,8 +18,18 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .io import IMAGE_EXTENSIONS, CorruptImageError, read_color_label, read_label, read_png16_first_channel, read_rgb
-from .labels import (CITYSCAPES, CITYSCAPES_LABELID_TO_16, CITYSCAPES_LABELID_TO_19, CROSS_CITY_13,
-                     CROSS_CITY_LABELID_TO_13, IGNORE_INDEX, SYNTHIA_16, SYNTHIA_ID_TO_16, LabelSpace, map_ids)
+from .labels import (
+    CITYSCAPES,
+    CITYSCAPES_LABELID_TO_16,
+    CITYSCAPES_LABELID_TO_19,
+    CROSS_CITY_13,
+    CROSS_CITY_LABELID_TO_13,
+    IGNORE_INDEX,
+    SYNTHIA_16,
+    SYNTHIA_ID_TO_16,
+    LabelSpace,
+    map_ids,
+)
 from .transforms import ToTensor
 
 

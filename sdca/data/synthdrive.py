@@ -202,7 +202,8 @@ def _add_object(layout, rng, cls, x, z, ground_y, screen_x, focal):
     elif cls in (CAR, TRUCK, BUS):
         layout.primitives.append(Primitive(z, cls, "rect", np.array([[sx - w / 2, gy - h * 0.7], [sx + w / 2, gy]]), tint))
         cabin = 0.6 if cls == CAR else 0.95
-        layout.primitives.append(Primitive(z - 0.01, cls, "rect", np.array([[sx - w * cabin / 2, gy - h], [sx + w * cabin / 2, gy - h * 0.6]]), tint))
+        cab = np.array([[sx - w * cabin / 2, gy - h], [sx + w * cabin / 2, gy - h * 0.6]])
+        layout.primitives.append(Primitive(z - 0.01, cls, "rect", cab, tint))
     else:  # pole, fence, wall, bicycle, motorcycle standing alone
         layout.primitives.append(Primitive(z, cls, "rect", np.array([[sx - w / 2, gy - h], [sx + w / 2, gy]]), tint))
 

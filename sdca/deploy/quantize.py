@@ -170,7 +170,13 @@ def quantize_int8(float_path: str, out_path: str, calibration: str, *, calib_fra
     """
     import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
     from tqdm.auto import tqdm
 

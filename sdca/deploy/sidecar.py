@@ -3,7 +3,8 @@ files or parameters instead of ONNX metadata.
 
 For ``NAME.onnx``: ``NAME.labels.txt`` (one class name per line, in id order), ``NAME.palette.csv``
 (``id,name,r,g,b``), ``NAME.yaml`` (input size and conventions, output kind, ignore id, precision: the values
-a node's parameters need) and ``NAME.ros2.yaml`` (the parameter file that starts ``sdca_serve.ros`` on it). :func:`describe` gives the same YAML for any exported model.
+a node's parameters need) and ``NAME.ros2.yaml`` (the parameter file that starts ``sdca_serve.ros`` on it).
+:func:`describe` gives the same YAML for any exported model.
 """
 from __future__ import annotations
 

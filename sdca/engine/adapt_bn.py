@@ -18,7 +18,6 @@ from ..models import FrozenBatchNorm2d, read_checkpoint, save_checkpoint, set_ba
 from ..models.checkpoint import FORMAT, model_from_checkpoint
 from .batchnorm import recompute_batchnorm
 
-
 # What holds running statistics: trainable batch norm and the frozen kind (statistics as buffers).
 _BATCHNORMS = (nn.modules.batchnorm._BatchNorm, FrozenBatchNorm2d)
 

@@ -9,10 +9,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import (GTA5, Cityscapes, CrossCity, ImageFolder, LabelledFolder, PseudoLabelled, Synthia, build_transform,
-                    collate, has_images)
+from ..data import (
+    GTA5,
+    Cityscapes,
+    CrossCity,
+    ImageFolder,
+    LabelledFolder,
+    PseudoLabelled,
+    Synthia,
+    collate,
+    has_images,
+)
 from ..models import build_model
-from .config import Config, DatasetConfig, ModelConfig, StageSolver, SolverConfig
+from .config import DatasetConfig, ModelConfig, SolverConfig, StageSolver
 
 
 def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error: str = "skip",

@@ -12,6 +12,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any, List, Optional
 
 import yaml
@@ -318,7 +319,7 @@ def presets() -> List[str]:
 
 def _read_yaml(source: str) -> dict:
     if os.path.isfile(source):
-        path, text = source, open(source).read()
+        path, text = source, Path(source).read_text()
     elif source in presets():
         path, text = f"preset {source}", resources.files("sdca.engine.presets").joinpath(source + ".yaml").read_text()
     else:
@@ -367,7 +368,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {message}")
 
     check(cfg.model.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {cfg.model.arch!r}")
-    check(cfg.model.bn in ("frozen", "train", "sync"), "model.bn", f"must be frozen, train or sync")
+    check(cfg.model.bn in ("frozen", "train", "sync"), "model.bn", "must be frozen, train or sync")
     check(cfg.model.num_classes >= 2, "model.num_classes", "must be at least 2")
     check(cfg.method.variant in ("paper", "reference"), "method.variant", "must be paper or reference")
     check(cfg.method.covariance in ("full", "diag"), "method.covariance", "must be full or diag")

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .._atomic import atomic_write_text
@@ -534,7 +535,7 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
               "| adapt_bn | lambda | tau | target mask | val mIoU |", "| --- | ---: | ---: | --- | ---: |"]
     for key in sorted(os.listdir(os.path.join(exp.out_dir, "results"))):
         if key.startswith("sweep_"):
-            r = json.load(open(os.path.join(exp.out_dir, "results", key)))
+            r = json.loads(Path(os.path.join(exp.out_dir, "results", key)).read_text())
             m = r["method"]
             mask = "class-balanced" if m.get("class_balanced_mask") else "Eq. 5"
             lines.append(f"| {m['adapt_bn']} | {m['lambda_feat']} | {m['tau']} | {mask} | "
@@ -583,10 +584,10 @@ def _diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List[st
             path = os.path.join(os.path.dirname(os.path.dirname(result["checkpoint"])), "metrics.jsonl")
             if not os.path.isfile(path):
                 continue
-            records = [json.loads(line) for line in open(path) if line.strip()]
+            records = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
             records = [r for r in records if r.get("stage") == "adapt"] or records
-            series = lambda key: [r[key] for r in records if isinstance(r.get(key), (int, float))]  # noqa: E731
-            med = lambda key: statistics.median(series(key)) if series(key) else float("nan")  # noqa: E731
+            series = lambda key: [r[key] for r in records if isinstance(r.get(key), (int, float))]  # noqa: E731, B023
+            med = lambda key: statistics.median(series(key)) if series(key) else float("nan")  # noqa: E731, B023
             confident = [statistics.fmean(v) for r in records
                          if (v := [x for k, x in r.items() if k.startswith("confident_")])]
             feat = series("loss_feat_src") or series("loss_feat")
@@ -614,10 +615,10 @@ def _inspected(exp: Experiment, choice: dict) -> List[str]:
     from .inspect import compare_markdown
 
     results = {}
-    for row, label, _ in ROWS:
+    for row, _, _ in ROWS:
         path = os.path.join(exp.out_dir, "inspect", row, "inspect.json")
         if os.path.isfile(path):
-            results[row] = json.load(open(path))
+            results[row] = json.loads(Path(path).read_text())
     if not results:
         return []
     return ["", "## `sdca inspect` on the seed-0 models (source frames vs the labelled validation split)", "",
@@ -717,7 +718,7 @@ def _mt_diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List
                 continue
 
             def series(key):
-                return [r[key] for r in records if isinstance(r.get(key), (int, float))]
+                return [r[key] for r in records if isinstance(r.get(key), (int, float))]  # noqa: B023 -- called in this iteration
 
             def med(key, scale=100.0):
                 v = series(key)

@@ -22,8 +22,7 @@ from torch.utils.data import DataLoader
 from .._atomic import atomic_write_text
 from ..data import ImageFolder, build_transform, collate, has_images
 from ..method import SemanticDistribution, downsample_labels
-from ..method.diagnostics import (class_shares, entropy, gaussian_scores, kl_divergence,
-                                  masked_precision_recall)
+from ..method.diagnostics import class_shares, entropy, gaussian_scores, kl_divergence, masked_precision_recall
 from ..method.masks import class_median_thresholds
 from ..metrics import PixelDiscrimination
 from ..models import read_checkpoint, upsample_logits

@@ -28,6 +28,7 @@ from .distributed import DistInfo
 from .loop import check_finite
 from .steps import IGNORE, StepBase, pixel_rows, statistics_rows
 
+
 def make_teacher(module: nn.Module) -> nn.Module:
     """A copy that no optimizer trains: gradients off, dropout off (its batch norms stay in train mode and
     normalise with batch statistics, as DAFormer's teacher does)."""

@@ -53,7 +53,7 @@ def plot_curves(metrics_path: str, out: str) -> None:
         ax.plot(*zip(*pts), label=name, linewidth=1.2)
     ax.set_ylabel("loss")
     ax.set_title("training losses (stages one after another)")
-    for x, stage in starts:
+    for x, _ in starts:
         ax.axvline(x, color="0.8", linewidth=0.8)
     if losses:
         ax.legend(fontsize=7, ncol=2, loc="upper right")

@@ -49,7 +49,7 @@ def generate_pseudo_labels(model, dataset, out_dir: str, *, device, size=None, c
 
     median = StreamingClassMedian(info.num_classes, device=device)
     images = 0
-    for batch, probs in passes("pseudo-label 1/3 (histogram)"):
+    for _, probs in passes("pseudo-label 1/3 (histogram)"):
         images += 1
         conf, pred = probs.max(1)
         median.first_pass(conf, pred)

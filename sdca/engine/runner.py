@@ -21,15 +21,23 @@ import torch
 
 from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate, finish_images, has_images
 from ..data.sampling import class_balanced_order, class_pixel_counts, class_sets, rare_class_order
+from ..device import resolve_device
 from ..method import SemanticDistribution, downsample_labels
 from ..models import load_model, read_checkpoint, save_checkpoint, set_batchnorm_mode
 from ..models.checkpoint import model_from_checkpoint
-from ..device import resolve_device
+from . import rng
 from .builders import Stream, auto_workers, build_dataset, build_model_from_config, build_optimizer
 from .config import Config, save_config, to_dict
-from .distributed import (DistInfo, agree_stop, barrier, broadcast_module, broadcast_tensors, check_ranks_agree,
-                          init_distributed, module_tensors)
-from . import rng
+from .distributed import (
+    DistInfo,
+    agree_stop,
+    barrier,
+    broadcast_module,
+    broadcast_tensors,
+    check_ranks_agree,
+    init_distributed,
+    module_tensors,
+)
 from .evaluator import evaluate, format_table, standard_subsets
 from .loop import Checkpointer, HookBase, LRSchedule, MetricsLogger, SignalHandler, TrainLoop
 from .pseudo_label import generate_pseudo_labels
@@ -523,8 +531,8 @@ class Runner:
         trained on source CE and class-mixed, teacher-labelled target images; the final checkpoint holds the
         student (what evaluation, export and the next stage read), the teacher and, with a contrastive term, the
         projection heads and the statistics in ``extra["modules"]`` and ``statistics``."""
-        from .mean_teacher import MeanTeacherStep, make_teacher
         from ..models.projection import ProjectionHead
+        from .mean_teacher import MeanTeacherStep, make_teacher
 
         cfg = self.cfg
         mt = cfg.method.mean_teacher

@@ -65,7 +65,7 @@ class StepBase:
         start = time.perf_counter()
         try:
             batches = [self.note(next(s)) for s in streams]
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other ranks have heard of it
+        except Exception as exc:
             error = exc
         self.data_wait = time.perf_counter() - start  # logged as time_data: the step's wait for its batches
         if self.dist.enabled:

@@ -4,9 +4,8 @@ from __future__ import annotations
 from typing import Iterable, Tuple
 
 import torch
-from .. import collectives
 
-from .. import ops
+from .. import collectives, ops
 from .._checks import check_labels, check_tensor
 from .pixels import flatten_pixels
 

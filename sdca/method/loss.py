@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
-from .._checks import accumulation_dtype, check_labels as _check_labels, check_positive, check_tensor
+from .._checks import accumulation_dtype, check_positive, check_tensor
+from .._checks import check_labels as _check_labels
 
 VARIANTS = ("paper", "reference")
 

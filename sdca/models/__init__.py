@@ -1,11 +1,19 @@
 """DeepLab-v2 segmenters, their weights and checkpoints."""
 from .checkpoint import atomic_save, load_model, read_checkpoint, save_checkpoint
-from .deeplab import (CAFFE_BGR, IMAGENET, ASPPClassifier, DeepLabV2, ModelInfo, Normalization, SegmentationOutput,
-                      upsample_logits)
+from .deeplab import (
+                      CAFFE_BGR,
+                      IMAGENET,
+                      ASPPClassifier,
+                      DeepLabV2,
+                      ModelInfo,
+                      Normalization,
+                      SegmentationOutput,
+                      upsample_logits,
+)
 from .efficientnet import EfficientNetLite0, efficientnet_lite0
 from .layers import FrozenBatchNorm2d, set_batchnorm_mode
-from .registry import ARCHS, build_model, model_from_info
 from .public import import_public_checkpoint
+from .registry import ARCHS, build_model, model_from_info
 from .serialization import UntrustedFileError, load_torch_file
 from .weights import LoadReport, load_torchvision_weights
 

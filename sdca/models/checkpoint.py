@@ -8,8 +8,8 @@ import torch
 from .._atomic import atomic_write
 from .._version import __version__
 from .deeplab import DeepLabV2, ModelInfo
-from .registry import model_from_info
 from .public import import_public_checkpoint, is_public_checkpoint
+from .registry import model_from_info
 from .serialization import load_torch_file
 
 FORMAT = "sdca-checkpoint"

@@ -57,7 +57,7 @@ def _unsafe_globals(path: str, message: str) -> List[str]:
     found.update(re.findall(r"but got <class '([\w.]+)'>", message))
     try:
         found.update(torch.serialization.get_unsafe_globals_in_checkpoint(path))
-    except Exception:  # noqa: BLE001 - the legacy format cannot be scanned: the unpickler's words suffice
+    except Exception:
         pass
     return sorted(found - _ALLOWED_NAMES)
 
@@ -72,7 +72,7 @@ def load_torch_file(path: str, *, trusted: bool = False, what: str = "checkpoint
         log.warning("%s: loading with full unpickling (trusted by the user)", path)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which one
+        except Exception as exc:
             raise ValueError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
     try:
         with torch.serialization.safe_globals(ALLOWED_GLOBALS):
@@ -82,5 +82,5 @@ def load_torch_file(path: str, *, trusted: bool = False, what: str = "checkpoint
         if names:
             raise UntrustedFileError(path, names, what) from None
         raise ValueError(f"{path}: not a readable {what} (UnpicklingError: {exc})") from None
-    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: say which one
+    except Exception as exc:
         raise ValueError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None

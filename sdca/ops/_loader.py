@@ -4,8 +4,6 @@ from __future__ import annotations
 import functools
 import warnings
 
-import torch
-
 _ERROR: str | None = None
 
 

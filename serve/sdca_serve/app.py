@@ -12,8 +12,17 @@ from typing import Literal, Optional, Sequence, Tuple
 import numpy as np
 
 from .batcher import DynamicBatcher, Overloaded
-from .codec import (IMAGE_TYPES, OUTPUTS, Limits, RequestError, check_content_type, decode_image, encode,
-                    resize_labels, resize_rgb)
+from .codec import (
+    IMAGE_TYPES,
+    OUTPUTS,
+    Limits,
+    RequestError,
+    check_content_type,
+    decode_image,
+    encode,
+    resize_labels,
+    resize_rgb,
+)
 
 
 @dataclass

@@ -118,7 +118,7 @@ class OpenVinoSegmenter:
             raise ValueError("this CPU does not report BF16 to OpenVINO: use --precision f32")
         try:
             model = core.read_model(path)
-        except Exception as exc:  # noqa: BLE001 - OpenVINO's own message, under the file's name
+        except Exception as exc:
             raise ValueError(f"{path}: OpenVINO cannot read this model ({type(exc).__name__}: {exc})") from None
         # The metadata, read as ONNX Runtime reads it (OpenVINO does not keep ONNX metadata_props).
         options = ort.SessionOptions()

@@ -1,7 +1,6 @@
 """Data sets on tiny fabricated trees with the real layouts and label encodings."""
 import os
 import struct
-import warnings
 import zlib
 
 import numpy as np
@@ -9,8 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
-from sdca.data import (GTA5, Cityscapes, CorruptImageError, CrossCity, ImageFolder, LabelledFolder, Synthia,
-                       build_transform, collate, has_images, trainid_to_labelid)
+from sdca.data import (
+    GTA5,
+    Cityscapes,
+    CorruptImageError,
+    CrossCity,
+    ImageFolder,
+    LabelledFolder,
+    Synthia,
+    build_transform,
+    collate,
+    has_images,
+    trainid_to_labelid,
+)
 
 # The label tables of shared/reference/public_code_facts.md, written out again here as the expectation.
 LABELID_TO_19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,

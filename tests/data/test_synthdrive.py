@@ -2,8 +2,17 @@
 import numpy as np
 import pytest
 
-from sdca.data.synthdrive import (CLASSES_USED, GENERATOR_VERSION, REAL, SIM, STYLES, SynthDriveCache, frame_seed,
-                                  generate_frame, render, sample_layout)
+from sdca.data.synthdrive import (
+    CLASSES_USED,
+    GENERATOR_VERSION,
+    REAL,
+    SIM,
+    SynthDriveCache,
+    frame_seed,
+    generate_frame,
+    render,
+    sample_layout,
+)
 
 
 def test_same_seed_same_bytes_and_different_frames_differ():

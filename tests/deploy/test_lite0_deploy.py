@@ -4,6 +4,7 @@ Each path is checked against ONNX Runtime's labels for the same export (the expo
 in test_export.py's per-backbone parity test)."""
 import io
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,7 +62,7 @@ def test_triton_repository(lite0, tmp_path):
 
     dynamic, _, _ = lite0
     folder = write_triton_repository(str(dynamic), str(tmp_path / "repo"), "lite0")
-    config = text_format.Parse(open(f"{folder}/config.pbtxt").read(), model_config_pb2.ModelConfig())
+    config = text_format.Parse(Path(f"{folder}/config.pbtxt").read_text(), model_config_pb2.ModelConfig())
     assert config.name == "lite0" and config.output[0].dims[0] == 19
 
 

@@ -10,11 +10,11 @@ from PIL import Image
 
 pytest.importorskip("openvino")
 
-from sdca.data.synthdrive import generate_frame  # noqa: E402
-from sdca.deploy.onnx_export import export_onnx  # noqa: E402
-from sdca.deploy.quantize import quantize_int8  # noqa: E402
-from sdca.models import build_model, save_checkpoint  # noqa: E402
-from sdca_serve.runtime import OnnxSegmenter, OpenVinoSegmenter  # noqa: E402
+from sdca.data.synthdrive import generate_frame
+from sdca.deploy.onnx_export import export_onnx
+from sdca.deploy.quantize import quantize_int8
+from sdca.models import build_model, save_checkpoint
+from sdca_serve.runtime import OnnxSegmenter, OpenVinoSegmenter
 
 H, W = 64, 128
 

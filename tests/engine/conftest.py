@@ -48,8 +48,9 @@ def tiny_data(tmp_path):
     write_tree(str(tmp_path / "sim"), 6, 32, 64, real=False, seed=0)
     write_tree(str(tmp_path / "real"), 6, 32, 64, real=True, seed=1, labels=False)
     write_tree(str(tmp_path / "realval"), 3, 32, 64, real=True, seed=2)
-    folder = lambda name: {"kind": "folder", "root": str(tmp_path / name / "images"),
-                           "labels": str(tmp_path / name / "labels"), "mapping": str(mapping)}
+    def folder(name):
+        return {"kind": "folder", "root": str(tmp_path / name / "images"), "labels": str(tmp_path / name / "labels"),
+                "mapping": str(mapping)}
     config = {
         "name": "tiny", "output_dir": str(tmp_path / "runs"), "device": "cpu", "seed": 3,
         "model": {"arch": "deeplabv2_small", "num_classes": 19, "width": 8, "bn": "frozen"},

@@ -68,7 +68,7 @@ class Recording(runner_module.Runner):
 
 try:
     Recording(load_config(config), progress=False).train(stages or None)
-except BaseException as exc:  # noqa: BLE001 - recorded for the test, then the exit status says it failed
+except BaseException as exc:
     record["error"] = {"type": type(exc).__name__, "message": str(exc), "step": getattr(exc, "step", None)}
     raise
 finally:

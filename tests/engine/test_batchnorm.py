@@ -1,5 +1,4 @@
 """AdaBN and per-domain batch-norm statistics against their definitions."""
-import numpy as np
 import pytest
 import torch
 from torch import nn

@@ -8,7 +8,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
 from sdca.models import read_checkpoint

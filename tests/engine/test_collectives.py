@@ -2,6 +2,7 @@
 tests run with fails any collective sdca calls around it, which is what NCCL alone would catch."""
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def test_no_sdca_module_calls_a_tensor_collective_directly():
         for name in files:
             path = os.path.join(folder, name)
             if name.endswith(".py") and path != collectives.__file__:
-                for number, line in enumerate(open(path, encoding="utf-8"), 1):
+                for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
                     if pattern.search(line):
                         offenders.append(f"{path}:{number}: {line.strip()}")
     assert not offenders, offenders

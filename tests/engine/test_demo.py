@@ -1,6 +1,7 @@
 """`sdca demo --quick` end to end: every stage, a report, a valid ONNX model, inference outputs."""
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -13,7 +14,7 @@ from sdca.engine.demo import run_demo
 def test_demo_quick_writes_a_complete_report(tmp_path):
     out = tmp_path / "demo"
     path = run_demo(str(out), quick=True, progress=False)
-    report = open(path).read()
+    report = Path(path).read_text()
     for row in ("source-only", "SDCA (adapt)", "SDCA + self-training", "**mIoU**", GENERATOR_VERSION):
         assert row in report, row
     results = json.loads((out / "results.json").read_text())

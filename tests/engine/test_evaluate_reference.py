@@ -1,17 +1,15 @@
 """`evaluate` against the official Cityscapes evaluation (cityscapesscripts) on the same prediction PNGs."""
-import os
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
-import torch.nn.functional as F
-
 from sdca.data import Cityscapes
+from sdca.data.labels import CITYSCAPES
 from sdca.engine import evaluate
 from sdca.models import ModelInfo, Normalization, SegmentationOutput
-from sdca.data.labels import CITYSCAPES
 
 # Raw Cityscapes labelIds with meaning: the 19 evaluated ones, and some the evaluation ignores (0, 1, 4, 9, 30).
 EVAL_IDS = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]

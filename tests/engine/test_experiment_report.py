@@ -1,5 +1,6 @@
 """The experiment's report aggregates per-seed results correctly (mean, sample std, gap recovery, sweep table)."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ def test_report_means_spreads_and_recovery(tmp_path):
         got = summary["rows"][row]
         assert got["mean"] == pytest.approx(100 * truth[row].mean())
         assert got["std"] == pytest.approx(100 * truth[row].std(ddof=1))
-    text = open(path).read()
+    text = Path(path).read_text()
     gap = truth["oracle"].mean() - truth["source"].mean()
     recovered = (truth["sdca_st"].mean() - truth["source"].mean()) / gap
     assert f"recovers {100 * recovered:.0f}%" in text
@@ -66,7 +67,7 @@ def test_lite0_report_warmup_choice_diagnostics_and_figure(tmp_path):
                 "gradshare_out": 0.01, "gradshare_lovasz": 0.3, "confident_0": 0.5, "confident_1": 0.7}
                for i, share in enumerate([0.01, 0.03, 0.02])]
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
-    text = open(write_report(exp, [0], choice)).read()
+    text = Path(write_report(exp, [0], choice)).read_text()
     assert "384x192; deeplabv2_lite0" in text and "batch norm train in the warm-up" in text
     assert "| frozen (lr 0.005) | 0.0 | 0.0 | diverged: loss term loss_ce is inf |" in text
     assert "| train (lr 0.01) | 20.0 | 25.0 |  |" in text
@@ -106,7 +107,7 @@ def test_report_goal_picks_the_recipe_on_validation_and_checks_every_control(tmp
         for seed in range(3):
             exp._save(exp.row_key(row, seed, choice), {"val": {"mIoU": val[row][seed] / 100, "IoU": {}},
                                                        "test": {"mIoU": values[seed] / 100, "IoU": {}}})
-    text = open(write_report(exp, [0, 1, 2], choice)).read()
+    text = Path(write_report(exp, [0, 1, 2], choice)).read_text()
     assert "Best recipe on validation (mean over seeds): **mean teacher (ClassMix, no contrast)**" in text
     gap = 31 - 16
     assert f"recovers {100 * (22 - 16) / gap:.0f}% of the {gap:.1f}-point gap" in text
@@ -119,6 +120,6 @@ def test_report_goal_picks_the_recipe_on_validation_and_checks_every_control(tmp
     for seed, value in enumerate([20, 22, 24]):
         exp._save(exp.row_key("adabn", seed, choice), {"val": {"mIoU": 0.1, "IoU": {}},
                                                        "test": {"mIoU": value / 100, "IoU": {}}})
-    text = open(write_report(exp, [0, 1, 2], choice)).read()
+    text = Path(write_report(exp, [0, 1, 2], choice)).read_text()
     assert "| AdaBN (source-only, target BN statistics) | 22.0 ± 2.0 | +0.0 | no |" in text
     assert "**missed**" in text

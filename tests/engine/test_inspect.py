@@ -3,6 +3,7 @@ labels, valid figures, skipped diagnostics for a model without statistics, bad i
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,7 +63,7 @@ def test_inspect_with_target_labels_against_brute_force(trained):
     run = _sdca("inspect", stats_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target", f"{tmp}/cfg.yaml:val",
                 "--target-labels", "--out", str(out), "--frames", "10", "--quiet", "--device", "cpu")
     assert run.returncode == 0, run.stderr
-    r = json.load(open(out / "inspect.json"))
+    r = json.loads(Path(out / "inspect.json").read_text())
     assert r["frames"] == {"source": 6, "target": 4} and r["skipped"] == []
     for name in ("classes", "alignment", "confusion", "features"):
         _valid_png(out / r["figures"][name])
@@ -108,7 +109,7 @@ def test_inspect_without_statistics_or_target_labels(trained):
                 str(tmp / "realval" / "images"), "--out", str(out), "--frames", "3", "--quiet", "--device", "cpu")
     assert run.returncode == 0, run.stderr
     assert "skipped: alignment" in run.stdout
-    r = json.load(open(out / "inspect.json"))
+    r = json.loads(Path(out / "inspect.json").read_text())
     assert r["frames"]["target"] == 3 and "alignment" not in r and "with_labels" not in r
     assert any("PDD" in s for s in r["skipped"])
     assert set(r["figures"]) == {"classes", "features"}
@@ -161,7 +162,7 @@ def test_inspect_reads_real_layouts_given_by_kind_and_root(trained, tmp_path):
     by_entry = _sdca("inspect", stats_ckpt, "--source", f"{tmp}/cfg.yaml:source", "--target", f"{tmp}/cfg.yaml:val",
                      "--out", str(tmp_path / "by_entry"), *common)
     assert by_entry.returncode == 0, by_entry.stderr
-    a, b = (json.load(open(tmp_path / name / "inspect.json")) for name in ("by_kind", "by_entry"))
+    a, b = (json.loads(Path(tmp_path / name / "inspect.json").read_text()) for name in ("by_kind", "by_entry"))
     assert a["frames"] == b["frames"] == {"source": 6, "target": 4}
     for key in ("source_label_share", "target_predicted_share", "eq5_pass_share"):
         np.testing.assert_allclose(np.array(a["per_class"][key], dtype=float),

@@ -2,6 +2,7 @@
 head absent from the export, the class-mixing size check, and the SePiCo presets against the recipe's facts."""
 import json
 import os
+from pathlib import Path
 
 import onnx
 import pytest
@@ -57,7 +58,7 @@ def test_resume_equals_uninterrupted_student_teacher_head_and_statistics(tiny_da
     # The teacher trails the student: an average of its iterates, not a copy of the last one.
     student, teacher = a["model"]["state_dict"], a["extra"]["modules"]["teacher"]
     assert any(not torch.equal(student[k], teacher[k]) for k in teacher if teacher[k].is_floating_point())
-    records = [json.loads(line) for line in open(tmp / "runs" / "straight" / "metrics.jsonl")]
+    records = [json.loads(line) for line in Path(tmp / "runs" / "straight" / "metrics.jsonl").read_text().splitlines()]
     logged = [r for r in records if r.get("stage") == "mean-teacher" and "loss_mix" in r]
     assert logged and all("gradshare_mix" in r and "teacher_acc" in r for r in logged)
     assert all(0 <= r["pseudo_weight"] <= 1 and 0 <= r["teacher_acc"] <= 1 for r in logged)
@@ -110,7 +111,7 @@ def test_lr_warm_up_follows_mmcv_linear_rule():
 
 @pytest.mark.parametrize("preset", ["gta5_cityscapes_r101_mt", "synthia_cityscapes_r101_mt"])
 def test_sepico_presets_resolve_to_the_recipe_facts(preset):
-    facts = json.load(open(FACTS))
+    facts = json.loads(Path(FACTS).read_text())
     cfg = load_config(preset)
     assert cfg.stages == ["source", "mean-teacher"]
     s, d, mt = cfg.solver.mean_teacher, stage_data(cfg, "mean_teacher"), cfg.method.mean_teacher

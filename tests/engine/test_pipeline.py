@@ -47,11 +47,11 @@ def test_all_stages_write_their_outputs(tiny_data):
 
 
 def test_source_loss_falls_on_a_fixed_batch(tiny_data):
-    from sdca.engine.builders import build_dataset, build_optimizer
-    from sdca.engine.recipe import stage_transform
-    from sdca.engine.distributed import DistInfo
-    from sdca.engine.steps import SupervisedStep
     from sdca.data import collate
+    from sdca.engine.builders import build_dataset, build_optimizer
+    from sdca.engine.distributed import DistInfo
+    from sdca.engine.recipe import stage_transform
+    from sdca.engine.steps import SupervisedStep
     from sdca.models import build_model
 
     tmp, config = tiny_data

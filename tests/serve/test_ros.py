@@ -86,7 +86,7 @@ class Node:
     """The node under test, in its own process."""
 
     def __init__(self, exported, env, *ros_params):
-        self.log = open(exported / f"node-{time.time_ns()}.log", "w+")
+        self.log = open(exported / f"node-{time.time_ns()}.log", "w+")  # noqa: SIM115 -- the node writes to it until stop() closes it
         cmd = [sys.executable, "-m", "sdca_serve.ros", "--ros-args", "--params-file", str(exported / "model.ros2.yaml")]
         for p in ros_params:
             cmd += ["-p", p]

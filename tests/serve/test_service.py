@@ -13,11 +13,10 @@ import torch
 from PIL import Image
 
 from sdca.data.synthdrive import generate_frame
-from sdca_serve.loadtest import load
-from sdca_serve.runtime import OnnxSegmenter
-
 from sdca.deploy.onnx_export import export_onnx
 from sdca.models import build_model, save_checkpoint
+from sdca_serve.loadtest import load
+from sdca_serve.runtime import OnnxSegmenter
 
 from .conftest import SIZE, Service, png
 
@@ -116,7 +115,6 @@ def test_a_full_queue_answers_503_with_retry_after(served_model):
     import uvicorn
 
     from sdca_serve.app import ServeSettings, create_app
-
     from sdca_serve.loadtest import free_port
 
     from .conftest import Service
