@@ -6,7 +6,7 @@ One seed; SynthDrive sim -> real at --size (default 512x256, the CPU experiment'
 step count of the CPU Lite0 plan times --scale (default 10: warm-up 3,000, adapt 1,000, self-training 1,000,
 mean teacher 1,000), bf16 autocast on CUDA. Rows: source-only, oracle (target labels), AdaBN, SDCA adapt, SDCA +
 self-training, mean teacher (no contrast), mean teacher + SDCA loss on a projection head. Nothing is chosen
-here: the warm-up trains batch norm and SDCA takes the CPU experiment's validation choices (adapt_bn target,
+here: the warm-up trains batch norm and SDCA takes the CPU experiment's validation choices (adaptation_bn target,
 lambda 0.1, tau 0.5, Eq. 5 mask), the
 mean teacher the recipe's defaults (alpha 0.999, threshold 0.968; contrast lambda 1, tau 100, SePiCo's). Each row
 is saved as it finishes (rerun to resume); DIR/table.md and DIR/table.json hold the test-split mIoU and each

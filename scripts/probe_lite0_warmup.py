@@ -75,7 +75,7 @@ def main() -> None:
     if args.adapt_lambda is not None:
         lam = args.adapt_lambda
         method = {"variant": "paper", "covariance": "full", "tau": 0.5, "delta": 0.9, "lambda_feat": lam,
-                  "lambda_out": lam, "adapt_bn": "target", "class_balanced_mask": False}
+                  "lambda_out": lam, "adaptation_bn": "target", "class_balanced_mask": False}
         if args.no_lovasz:
             method["lambda_lov"] = 0.0
         name = f"{name}_adapt_lam{lam:g}"

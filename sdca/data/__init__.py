@@ -7,7 +7,7 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     **{n: "sdca.data.datasets" for n in ("Cityscapes", "GTA5", "Synthia", "CrossCity", "LabelledFolder",
-                                          "ImageFolder", "PseudoLabelled", "SegmentationDataset", "collate",
+                                          "ImageFolder", "ImagesAndLabelMaps", "PseudoLabelled", "SegmentationDataset", "collate",
                                           "has_images", "read_split_list")},
     **{n: "sdca.data.io" for n in ("CorruptImageError", "read_rgb", "read_label", "write_png")},
     **{n: "sdca.data.labels" for n in ("CITYSCAPES", "SYNTHIA_16", "CROSS_CITY_13", "LABEL_SPACES", "IGNORE_INDEX",

@@ -310,13 +310,17 @@ def _colour_decoder(colours: Mapping[Tuple[int, int, int], int]) -> Callable[[st
     return decode
 
 
-class PseudoLabelled(SegmentationDataset):
-    """Target images paired with the label maps ``sdca pseudo-label`` wrote (same relative names, .png)."""
+class ImagesAndLabelMaps(SegmentationDataset):
+    """Images paired with trainId label maps of the same relative names (.png) in another folder: the ones
+    ``sdca pseudo-label`` wrote, or SynthDrive's cached ground truth."""
 
     def __init__(self, image_root: str, names: Sequence[str], label_dir: str, label_space: LabelSpace,
                  transform=None, on_error: str = "raise"):
         items = self.pair(image_root, names, lambda n: os.path.join(label_dir, os.path.splitext(n)[0] + ".png"))
         super().__init__(image_root, items, read_label, label_space, transform, on_error)
+
+
+PseudoLabelled = ImagesAndLabelMaps  # the old name, from when pseudo-labels were its only use
 
 
 class ImageFolder(Dataset):

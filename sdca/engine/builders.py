@@ -14,50 +14,74 @@ from ..data import (
     Cityscapes,
     CrossCity,
     ImageFolder,
+    ImagesAndLabelMaps,
     LabelledFolder,
-    PseudoLabelled,
     Synthia,
     collate,
     has_images,
 )
+from ..data.kinds import DATASET_KINDS
 from ..models import build_model
 from .config import DatasetConfig, ModelConfig, SolverConfig, StageSolver
 
 
+def _gta5(ds, num_classes, transform, on_error, progress):
+    return GTA5(ds.root, num_classes=num_classes, list_file=ds.list_file, transform=transform, on_error=on_error)
+
+
+def _synthia(ds, num_classes, transform, on_error, progress):
+    return Synthia(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
+
+
+def _cityscapes(ds, num_classes, transform, on_error, progress):
+    return Cityscapes(ds.root, ds.split, num_classes=num_classes, list_file=ds.list_file, transform=transform,
+                      labelled=ds.labelled, on_error=on_error)
+
+
+def _crosscity(ds, num_classes, transform, on_error, progress):
+    if not ds.city:
+        raise ValueError("a crosscity data set needs city: Rome, Rio, Tokyo or Taipei")
+    return CrossCity(ds.root, ds.city, ds.split, list_file=ds.list_file, transform=transform, on_error=on_error)
+
+
+def _folder(ds, num_classes, transform, on_error, progress):
+    if not (ds.labels and ds.mapping):
+        raise ValueError("a folder data set needs root (images), labels (folder) and mapping (YAML)")
+    return LabelledFolder(ds.root, ds.labels, ds.mapping, list_file=ds.list_file, transform=transform,
+                          on_error=on_error)
+
+
+def _images(ds, num_classes, transform, on_error, progress):
+    return ImageFolder(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
+
+
+def _synthdrive(ds, num_classes, transform, on_error, progress):
+    from ..data.labels import CITYSCAPES
+    from ..data.synthdrive import SynthDriveCache
+
+    if num_classes != 19:
+        raise ValueError("SynthDrive is labelled with the 19 Cityscapes trainIds: set model.num_classes=19")
+    cache = SynthDriveCache(ds.root, ds.domain, ds.split, ds.num_frames, height=ds.frame_size[1],
+                            width=ds.frame_size[0], progress=progress)
+    images = os.path.join(cache.folder, "images")
+    if not ds.labelled:
+        return ImageFolder(images, transform=transform, on_error=on_error)
+    return ImagesAndLabelMaps(images, cache.names(), os.path.join(cache.folder, "labels"), CITYSCAPES, transform,
+                              on_error)
+
+
+# One builder per kind of sdca.data.kinds (checked at import: a kind added there without a builder fails here).
+BUILDERS = {"gta5": _gta5, "synthia": _synthia, "cityscapes": _cityscapes, "crosscity": _crosscity,
+            "folder": _folder, "images": _images, "synthdrive": _synthdrive}
+assert set(BUILDERS) == set(DATASET_KINDS), "sdca.data.kinds and the builders disagree"
+
+
 def build_dataset(ds: DatasetConfig, num_classes: int, transform=None, on_error: str = "skip",
                   progress: bool = False) -> Dataset:
-    """The data set a DatasetConfig describes (see the README's data table for the layouts)."""
-    if ds.kind == "gta5":
-        return GTA5(ds.root, num_classes=num_classes, list_file=ds.list_file, transform=transform, on_error=on_error)
-    if ds.kind == "synthia":
-        return Synthia(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
-    if ds.kind == "cityscapes":
-        return Cityscapes(ds.root, ds.split, num_classes=num_classes, list_file=ds.list_file, transform=transform,
-                          labelled=ds.labelled, on_error=on_error)
-    if ds.kind == "crosscity":
-        if not ds.city:
-            raise ValueError("a crosscity data set needs city: Rome, Rio, Tokyo or Taipei")
-        return CrossCity(ds.root, ds.city, ds.split, list_file=ds.list_file, transform=transform, on_error=on_error)
-    if ds.kind == "folder":
-        if not (ds.labels and ds.mapping):
-            raise ValueError("a folder data set needs root (images), labels (folder) and mapping (YAML)")
-        return LabelledFolder(ds.root, ds.labels, ds.mapping, list_file=ds.list_file, transform=transform,
-                              on_error=on_error)
-    if ds.kind == "images":
-        return ImageFolder(ds.root, list_file=ds.list_file, transform=transform, on_error=on_error)
-    if ds.kind == "synthdrive":
-        from ..data.labels import CITYSCAPES
-        from ..data.synthdrive import SynthDriveCache
-
-        if num_classes != 19:
-            raise ValueError("SynthDrive is labelled with the 19 Cityscapes trainIds: set model.num_classes=19")
-        cache = SynthDriveCache(ds.root, ds.domain, ds.split, ds.num_frames, height=ds.frame_size[1],
-                                width=ds.frame_size[0], progress=progress)
-        labels = os.path.join(cache.folder, "labels")
-        return PseudoLabelled(os.path.join(cache.folder, "images"), cache.names(), labels, CITYSCAPES,
-                              transform, on_error) if ds.labelled else ImageFolder(os.path.join(cache.folder, "images"),
-                                                                         transform=transform, on_error=on_error)
-    raise ValueError(f"unknown data set kind {ds.kind!r}")
+    """The data set a DatasetConfig describes (see docs/data.md for the layouts)."""
+    if ds.kind not in BUILDERS:
+        raise ValueError(f"unknown data set kind {ds.kind!r} (kinds: {', '.join(DATASET_KINDS)})")
+    return BUILDERS[ds.kind](ds, num_classes, transform, on_error, progress)
 
 
 # -------------------------------------------------------------------------------------- sample streams

@@ -10,23 +10,27 @@ import dataclasses
 import difflib
 import os
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, List, Literal, Optional
 
 import yaml
 
-DATASET_KINDS = ("gta5", "synthia", "cityscapes", "crosscity", "folder", "images", "synthdrive")
+from ..data.kinds import DATASET_KINDS
+from .stages import DEFAULT_STAGES, STAGE_NAMES, TRAINED_STAGE_KEYS
+from .stages import OPTIONAL_STAGES as OPTIONAL_STAGE_NAMES
+
 ADAPT_BN_MODES = ("frozen", "train", "target")
+BN_MODES = ("frozen", "train", "sync")
+VARIANTS = ("paper", "reference")
 RESIZE_MODES = ("bilinear", "bicubic")
 SAMPLING_MODES = ("uniform", "class_balanced", "rare_class")
 SCALE_BASES = ("size", "raw")
 PIPELINES = ("auto", "float", "uint8")
-STAGES = ("source", "init-stats", "adapt", "pseudo-label", "self-train")
-# Stages never in the default list: AdaBN on the target frames (after any training stage), and the one-stage
-# mean-teacher adaptation (after source, instead of init-stats -> adapt -> pseudo-label -> self-train).
-OPTIONAL_STAGES = ("adapt-bn", "mean-teacher")
+# The default pipeline and the stages never in it (AdaBN, the mean teacher): defined once, in stages.py.
+STAGES, OPTIONAL_STAGES = DEFAULT_STAGES, OPTIONAL_STAGE_NAMES
 OPTIMIZERS = ("sgd", "adamw")
 CONTRAST_FEATURES = ("none", "backbone", "projection")
 
@@ -36,14 +40,14 @@ class DatasetConfig:
     """One data set. kind: gta5 | synthia | cityscapes | crosscity | folder (images + labels + mapping YAML) |
     images (unlabelled folder) | synthdrive (the embedded generator; root = its cache folder)."""
 
-    kind: str = "images"
+    kind: Literal[DATASET_KINDS] = "images"
     root: str = ""
     split: str = "train"
     list_file: Optional[str] = None
     labels: Optional[str] = None  # folder kind: the label folder
     mapping: Optional[str] = None  # folder kind: the YAML mapping
     city: Optional[str] = None  # crosscity kind
-    domain: str = "sim"  # synthdrive kind: sim | real
+    domain: Literal["sim", "real"] = "sim"  # synthdrive kind
     num_frames: int = 0  # synthdrive kind
     frame_size: List[int] = field(default_factory=lambda: [512, 256])  # synthdrive kind: (width, height)
     labelled: bool = True  # cityscapes kind: False for the unlabelled target set
@@ -63,10 +67,10 @@ class StageData:
     blur: Optional[bool] = None  # 3x3 Gaussian blur, always applied
     flip: Optional[bool] = None  # horizontal flip, p 0.5
     scale: Optional[List[float]] = None  # random scale range [low, high]
-    scale_base: Optional[str] = None  # size: scale after resizing to the stage's input size | raw: the file's own size
+    scale_base: Optional[Literal[SCALE_BASES]] = None  # size: scale after resizing to the stage's input size | raw: the file's own size
     crop: Optional[List[int]] = None  # random crop (width, height), padded with ignore if needed
     # source images: uniform | class_balanced (FADA's rule) | rare_class (DAFormer's rule); see sdca/data/sampling.py
-    sampling: Optional[str] = None
+    sampling: Optional[Literal[SAMPLING_MODES]] = None
     rare_class_temperature: Optional[float] = None  # rare_class: T of softmax((1 - f) / T); empty: 0.01
     rare_class_min_pixels: Optional[int] = None  # rare_class: an image is drawn for c if it has more; empty: 3000
 
@@ -97,9 +101,9 @@ class DataConfig:
     # Loader processes per stream; None: sized from the CPUs per GPU on CUDA (builders.auto_workers), 2 elsewhere.
     workers: Optional[int] = None
     # auto: uint8 on CUDA (resize in uint8, photometric augmentation on the device), float elsewhere | float | uint8
-    pipeline: str = "auto"
-    on_corrupt: str = "skip"  # frames (or labels) that cannot be read: skip (counted, listed) | raise
-    resize: str = "bilinear"  # image resizing kernel everywhere (train, evaluation, pseudo-labels): bilinear | bicubic
+    pipeline: Literal[PIPELINES] = "auto"
+    on_corrupt: Literal["skip", "raise"] = "skip"  # frames (or labels) that cannot be read: skip (counted, listed) | raise
+    resize: Literal[RESIZE_MODES] = "bilinear"  # image resizing kernel everywhere (train, evaluation, pseudo-labels): bilinear | bicubic
     stages: StagesData = field(default_factory=StagesData)
 
 
@@ -107,7 +111,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "deeplabv2_resnet101"
     num_classes: int = 19
-    bn: str = "frozen"
+    bn: Literal[BN_MODES] = "frozen"
     # ImageNet weights: a local torchvision file (ResNet, VGG-16) or "imagenet" (Lite0: shipped in a package);
     # None with no_pretrained. Lite0 defaults to "imagenet".
     pretrained: Optional[str] = None
@@ -123,7 +127,7 @@ class StageSolver:
     schedule_iters: Optional[int] = None  # poly schedule length (the public code stops early): None = iters
     # The global batch (per domain) the lr was set for; a run whose processes x batch differ is warned.
     global_batch: Optional[int] = None
-    optimizer: str = "sgd"  # sgd (momentum, solver.weight_decay) | adamw (betas, weight_decay below)
+    optimizer: Literal[OPTIMIZERS] = "sgd"  # sgd (momentum, solver.weight_decay) | adamw (betas, weight_decay below)
     weight_decay: Optional[float] = None  # None: solver.weight_decay
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw only
     power: Optional[float] = None  # poly power; None: solver.power
@@ -145,7 +149,7 @@ class SolverConfig:
         iters=40000, lr=6e-5, optimizer="adamw", weight_decay=0.01, power=1.0, warmup_iters=1500))
     # Which checkpoint of a stage the next one starts from: final (the default: no split is looked at) | best
     # (the best val mIoU; with Cityscapes val as val that is the public script's selection on the reported split).
-    select: str = "final"
+    select: Literal["final", "best"] = "final"
     checkpoint_period: int = 1000
     log_period: int = 20
     eval_period: int = 0  # 0: evaluate the val set only at the end of a stage
@@ -164,10 +168,10 @@ class MeanTeacherConfig:
     strong_augment: bool = True  # DACS's colour jitter and blur of the mixed image
     lambda_lov: float = 0.0  # Lovasz-Softmax on the source batch (SePiCo: none)
     # SDCA's loss in the stage: none | backbone (on the backbone features) | projection (a training-only head)
-    contrast: str = "projection"
+    contrast: Literal[CONTRAST_FEATURES] = "projection"
     lambda_contrast: float = 1.0
     tau: float = 100.0  # SePiCo's contrast_temp
-    variant: str = "paper"  # paper | reference (the public SDCA code's normalisations); diagonal variances
+    variant: Literal[VARIANTS] = "paper"  # paper | reference (the public SDCA code's normalisations); diagonal variances
     contrast_start: int = 0  # steps before the contrastive term starts (SePiCo: 3,000 of 40,000)
     projection_dim: int = 512
     projection_hidden: int = 0  # 0: the backbone's width (SePiCo: 2048 -> 2048 -> 512)
@@ -176,8 +180,8 @@ class MeanTeacherConfig:
 
 @dataclass
 class MethodConfig:
-    variant: str = "paper"  # paper | reference (the public code's formula, to reproduce published numbers)
-    covariance: str = "full"  # full | diag
+    variant: Literal[VARIANTS] = "paper"  # paper | reference (the public code's formula, to reproduce published numbers)
+    covariance: Literal["full", "diag"] = "full"  # full | diag
     tau: float = 0.1
     delta: float = 0.9  # Eq. 5 target confidence threshold
     class_balanced_mask: bool = False  # Eq. 5 with per-class thresholds min(delta, batch median) (see target_mask)
@@ -187,12 +191,18 @@ class MethodConfig:
     multi_level: bool = True  # the output-level loss L_out
     threshold_cap: float = 0.9  # Eq. 19 thresholds are capped here, as in the public code
     self_train_from_imagenet: bool = False  # the public script restarts self-training from ImageNet weights
-    self_train_bn: Optional[str] = None  # batch norm while self-training: frozen | train | sync; None: model.bn
+    self_train_bn: Optional[Literal[BN_MODES]] = None  # batch norm while self-training: frozen | train | sync; None: model.bn
     # Batch norm during adaptation: frozen (source statistics, not trained) | train (trained; running statistics
     # from both domains' batches) | target (trained; each domain normalised by its own batch statistics, running
-    # statistics from target batches only, so inference uses target statistics).
-    adapt_bn: str = "frozen"
+    # statistics from target batches only, so inference uses target statistics). Was method.adapt_bn, a name
+    # that read like the adapt-bn stage (AdaBN); the old key is still read.
+    adaptation_bn: Literal[ADAPT_BN_MODES] = "frozen"
     mean_teacher: MeanTeacherConfig = field(default_factory=MeanTeacherConfig)
+
+    @property
+    def adapt_bn(self) -> str:
+        """The old name of ``adaptation_bn``."""
+        return self.adaptation_bn
 
 
 @dataclass
@@ -216,7 +226,7 @@ class Config:
     output_dir: str = "runs"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: Optional[str] = None  # fp16 | bf16
+    amp: Optional[Literal["fp16", "bf16"]] = None
     stages: List[str] = field(default_factory=lambda: list(STAGES))
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -265,6 +275,11 @@ def _convert(value: Any, tp, key: str):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(tp)
         return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -290,10 +305,21 @@ def _unknown(key: str, name: str, valid) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint} (valid here: {', '.join(sorted(valid))})")
 
 
+# Keys renamed since they were first written: {class: {old: new}}. Configs saved beside older runs still load.
+RENAMED_KEYS = {MethodConfig: {"adapt_bn": "adaptation_bn"}}
+
+
 def _from_dict(cls, data: dict, prefix: str = ""):
     fields = _fields(cls)
     kwargs = {}
     for name, value in data.items():
+        new = RENAMED_KEYS.get(cls, {}).get(name)
+        if new is not None:
+            old_key, name = f"{prefix}.{name}" if prefix else name, new
+            if name in data:
+                raise ConfigError(f"{old_key} is the old name of {prefix}.{name}: give one of them")
+            warnings.warn(f"config key {old_key} is now {prefix}.{name}; the old name still works", FutureWarning,
+                          stacklevel=2)
         key = f"{prefix}.{name}" if prefix else name
         if name not in fields:
             raise _unknown(key, name, fields)
@@ -361,6 +387,7 @@ def load_config(source: Optional[str] = None, overrides: Optional[List[str]] = N
 
 
 def validate(cfg: Config) -> None:
+    """What the types cannot say (choices are Literal types, which _convert checks with the key's name)."""
     from ..models.registry import ARCHS
 
     def check(ok: bool, key: str, message: str):
@@ -368,26 +395,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: {message}")
 
     check(cfg.model.arch in ARCHS, "model.arch", f"must be one of {', '.join(ARCHS)}, got {cfg.model.arch!r}")
-    check(cfg.model.bn in ("frozen", "train", "sync"), "model.bn", "must be frozen, train or sync")
     check(cfg.model.num_classes >= 2, "model.num_classes", "must be at least 2")
-    check(cfg.method.variant in ("paper", "reference"), "method.variant", "must be paper or reference")
-    check(cfg.method.covariance in ("full", "diag"), "method.covariance", "must be full or diag")
     check(not (cfg.method.variant == "reference" and cfg.method.covariance == "full"), "method.covariance",
           "the reference variant keeps diagonal variances, as the public code; use diag")
     check(cfg.method.tau > 0, "method.tau", "must be positive")
     check(0 <= cfg.method.delta <= 1, "method.delta", "must lie in [0, 1]")
-    check(cfg.method.adapt_bn in ADAPT_BN_MODES, "method.adapt_bn", f"must be one of {', '.join(ADAPT_BN_MODES)}")
-    check(cfg.amp in (None, "fp16", "bf16"), "amp", "must be fp16, bf16 or empty")
     check(cfg.data.batch_size >= 1, "data.batch_size", "must be at least 1")
     check(cfg.data.workers is None or cfg.data.workers >= 0, "data.workers", "must be at least 0 (or empty: auto)")
-    check(cfg.data.pipeline in PIPELINES, "data.pipeline", f"must be one of {', '.join(PIPELINES)}")
     check(cfg.eval.batch_size >= 1, "eval.batch_size", "must be at least 1")
-    check(cfg.data.on_corrupt in ("skip", "raise"), "data.on_corrupt", "must be skip or raise")
-    check(cfg.data.resize in RESIZE_MODES, "data.resize", f"must be one of {', '.join(RESIZE_MODES)}")
-    check(cfg.solver.select in ("final", "best"), "solver.select", "must be final or best")
-    check(cfg.method.self_train_bn in (None, "frozen", "train", "sync"), "method.self_train_bn",
-          "must be frozen, train, sync or empty")
-    for stage in ("source", "adapt", "self_train", "mean_teacher"):
+    for stage in TRAINED_STAGE_KEYS:
         sd, key = getattr(cfg.data.stages, stage), f"data.stages.{stage}"
         for name in ("batch_size", "target_batch_size"):
             value = getattr(sd, name)
@@ -395,11 +411,8 @@ def validate(cfg: Config) -> None:
         check(sd.grayscale is None or 0 <= sd.grayscale <= 1, f"{key}.grayscale", "must lie in [0, 1]")
         check(sd.scale is None or (len(sd.scale) == 2 and 0 < sd.scale[0] <= sd.scale[1]), f"{key}.scale",
               "must be [low, high] with 0 < low <= high")
-        check(sd.scale_base in (None,) + SCALE_BASES, f"{key}.scale_base", f"must be one of {', '.join(SCALE_BASES)}")
         check(sd.crop is None or (len(sd.crop) == 2 and all(c > 0 for c in sd.crop)), f"{key}.crop",
               "must be [width, height]")
-        check(sd.sampling in (None,) + SAMPLING_MODES, f"{key}.sampling",
-              f"must be one of {', '.join(SAMPLING_MODES)}")
         check(sd.rare_class_temperature is None or sd.rare_class_temperature > 0, f"{key}.rare_class_temperature",
               "must be positive")
         check(sd.rare_class_min_pixels is None or sd.rare_class_min_pixels >= 0, f"{key}.rare_class_min_pixels",
@@ -409,17 +422,12 @@ def validate(cfg: Config) -> None:
     for key in ("source_size", "target_size"):
         size = getattr(cfg.data, key)
         check(len(size) == 2 and all(s > 0 for s in size), f"data.{key}", "must be [width, height]")
-    unknown = [s for s in cfg.stages if s not in STAGES + OPTIONAL_STAGES]
-    check(not unknown, "stages",
-          f"unknown stage {unknown[0] if unknown else ''}; stages: {', '.join(STAGES + OPTIONAL_STAGES)}")
-    for name in ("source", "target"):
-        ds = getattr(cfg.data, name)
-        check(ds.kind in DATASET_KINDS, f"data.{name}.kind", f"must be one of {', '.join(DATASET_KINDS)}")
-    for stage in ("source", "adapt", "self_train", "mean_teacher"):
+    unknown = [s for s in cfg.stages if s not in STAGE_NAMES]
+    check(not unknown, "stages", f"unknown stage {unknown[0] if unknown else ''}; stages: {', '.join(STAGE_NAMES)}")
+    for stage in TRAINED_STAGE_KEYS:
         s = getattr(cfg.solver, stage)
         check(s.iters >= 0, f"solver.{stage}.iters", "must be at least 0")
         check(s.lr > 0, f"solver.{stage}.lr", "must be positive")
-        check(s.optimizer in OPTIMIZERS, f"solver.{stage}.optimizer", f"must be one of {', '.join(OPTIMIZERS)}")
         check(len(s.betas) == 2 and all(0 <= b < 1 for b in s.betas), f"solver.{stage}.betas",
               "must be [beta1, beta2] in [0, 1)")
         check(s.warmup_iters >= 0, f"solver.{stage}.warmup_iters", "must be at least 0")
@@ -428,8 +436,6 @@ def validate(cfg: Config) -> None:
     check(0 <= mt.alpha < 1, f"{key}.alpha", "must lie in [0, 1)")
     check(0 <= mt.threshold <= 1, f"{key}.threshold", "must lie in [0, 1]")
     check(mt.ignore_top >= 0 and mt.ignore_bottom >= 0, f"{key}.ignore_top", "ignored rows must be at least 0")
-    check(mt.contrast in CONTRAST_FEATURES, f"{key}.contrast", f"must be one of {', '.join(CONTRAST_FEATURES)}")
-    check(mt.variant in ("paper", "reference"), f"{key}.variant", "must be paper or reference")
     check(mt.tau > 0, f"{key}.tau", "must be positive")
     check(mt.projection_dim >= 1 and mt.projection_hidden >= 0, f"{key}.projection_dim", "must be at least 1")
     check(0 < mt.label_ratio <= 1, f"{key}.label_ratio", "must lie in (0, 1]")

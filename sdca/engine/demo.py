@@ -81,7 +81,7 @@ def synthdrive_config(run_dir: str, plan: dict, seed: int, cache: str, *, source
 # The adaptation settings the demo runs: those the experiment's validation sweep chose (README, "What SDCA does
 # on SynthDrive"): target batch-norm statistics, lambda 0.1, tau 0.5, the class-balanced target mask.
 DEMO_METHOD = {"variant": "paper", "covariance": "full", "tau": 0.5, "lambda_feat": 0.1, "lambda_out": 0.1,
-               "delta": 0.9, "adapt_bn": "target", "class_balanced_mask": True}
+               "delta": 0.9, "adaptation_bn": "target", "class_balanced_mask": True}
 
 
 def demo_config(out_dir: str, quick: bool, seed: int, cache: str):
@@ -161,7 +161,7 @@ def _report(cfg, results, export, infer, quick, seconds, version, inspected=None
              f"Iterations: source {cfg.solver.source.iters}, adapt {cfg.solver.adapt.iters}, self-train "
              f"{cfg.solver.self_train.iters}. Loss: {cfg.method.variant} variant, {cfg.method.covariance} covariance, "
              f"tau {cfg.method.tau}, lambda_feat {cfg.method.lambda_feat}, lambda_out {cfg.method.lambda_out}; "
-             f"batch norm during adaptation: {cfg.method.adapt_bn}; target mask: "
+             f"batch norm during adaptation: {cfg.method.adaptation_bn}; target mask: "
              f"{'class-balanced' if cfg.method.class_balanced_mask else 'Eq. 5'} (delta {cfg.method.delta}). "
              f"Wall time {seconds:.0f} s.", "",
              "One run, one seed: differences between rows are not significant by themselves (see the README for the "

@@ -235,7 +235,7 @@ class Experiment:
             if done and not self.result(key):
                 self._save(key, done)
         method = dict(self._variant(variant), tau=p["tau"], lambda_feat=p["lam"], lambda_out=p["lam"], delta=DELTA,
-                      adapt_bn=p["bn"], class_balanced_mask=bool(p.get("cb")))
+                      adaptation_bn=p["bn"], class_balanced_mask=bool(p.get("cb")))
         cfg = self._cfg(key, seed, method=method)
         return self._scored_stage(key, cfg, ["adapt"], self.init_stats(seed, variant), {"method": method})
 
@@ -538,7 +538,7 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
             r = json.loads(Path(os.path.join(exp.out_dir, "results", key)).read_text())
             m = r["method"]
             mask = "class-balanced" if m.get("class_balanced_mask") else "Eq. 5"
-            lines.append(f"| {m['adapt_bn']} | {m['lambda_feat']} | {m['tau']} | {mask} | "
+            lines.append(f"| {m.get('adaptation_bn', m.get('adapt_bn'))} | {m['lambda_feat']} | {m['tau']} | {mask} | "
                          f"{100 * (r['val']['mIoU'] or 0):.1f} |")
     if len(WARMUP_BN[exp.model]) > 1:
         lines += ["", "## Warm-up batch norm (seed 0, source-only, validation split)", "",

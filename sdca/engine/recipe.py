@@ -16,7 +16,7 @@ TRAINING_STAGES = ("source", "adapt", "self_train", "mean_teacher")
 
 
 @dataclass(frozen=True)
-class StageData:
+class StageRecipe:
     """One training stage's data, every value resolved (batch sizes per process)."""
 
     batch_size: int
@@ -33,7 +33,7 @@ class StageData:
     rare_class_min_pixels: int = 3000
 
 
-def stage_data(cfg: Config, stage: str) -> StageData:
+def stage_data(cfg: Config, stage: str) -> StageRecipe:
     """``stage``: source | adapt | self_train (self-train's images are the target's) | mean_teacher."""
     if stage not in TRAINING_STAGES:
         raise ValueError(f"stage must be one of {', '.join(TRAINING_STAGES)}, got {stage!r}")
@@ -47,7 +47,7 @@ def stage_data(cfg: Config, stage: str) -> StageData:
     if values["scale_base"] == "raw" and values["crop"] is None:
         raise ConfigError(f"data.stages.{stage}: scale_base raw keeps each file's own size, so a crop is needed "
                           "to batch the images")
-    return StageData(batch_size=values["batch_size"],
+    return StageRecipe(batch_size=values["batch_size"],
                      target_batch_size=given.target_batch_size or values["batch_size"],
                      jitter=values["jitter"], grayscale=float(values["grayscale"]), blur=values["blur"],
                      flip=values["flip"], scale=tuple(values["scale"]) if values["scale"] else None,
@@ -77,7 +77,7 @@ def _bn(cfg: Config, stage: str) -> str:
     if cfg.model.arch == "deeplabv2_vgg16":
         return "none (VGG-16)"
     if stage == "adapt":
-        return {"frozen": "frozen", "train": "trained", "target": "trained, target statistics"}[cfg.method.adapt_bn]
+        return {"frozen": "frozen", "train": "trained", "target": "trained, target statistics"}[cfg.method.adaptation_bn]
     if stage == "mean_teacher":
         if cfg.model.bn == "frozen":
             return "frozen (teacher too)"
@@ -94,7 +94,7 @@ def _optimizer(cfg: Config, solver) -> str:
     return f"{name}, wd {wd:g}, head x{cfg.solver.head_lr_mult:g}, poly {power:g}{warm}"
 
 
-def _augmentation(r: StageData, geometric: bool = False) -> str:
+def _augmentation(r: StageRecipe, geometric: bool = False) -> str:
     parts = []
     if r.scale:
         parts.append(f"scale U({r.scale[0]:g}, {r.scale[1]:g}) of the {'raw image' if r.scale_base == 'raw' else 'resized image'}")

@@ -19,7 +19,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from ..data import ImageFolder, LabelSpace, PseudoLabelled, build_transform, collate, finish_images, has_images
+from ..data import ImageFolder, ImagesAndLabelMaps, LabelSpace, build_transform, collate, finish_images, has_images
 from ..data.sampling import class_balanced_order, class_pixel_counts, class_sets, rare_class_order
 from ..device import resolve_device
 from ..method import SemanticDistribution, downsample_labels
@@ -42,11 +42,11 @@ from .evaluator import evaluate, format_table, standard_subsets
 from .loop import Checkpointer, HookBase, LRSchedule, MetricsLogger, SignalHandler, TrainLoop
 from .pseudo_label import generate_pseudo_labels
 from .recipe import batch_mismatch, stage_data, stage_transform
+from .stages import STAGE_SEEDS
+from .stages import stage as stage_record
 from .steps import AdaptStep, SupervisedStep, pixel_rows, statistics_rows
 
 log = logging.getLogger("sdca")
-STAGE_SEEDS = {"source": 1, "init-stats": 2, "adapt": 3, "pseudo-label": 4, "self-train": 5, "adapt-bn": 6,
-               "mean-teacher": 7}
 
 
 def statistics_tensors(statistics) -> list:
@@ -147,17 +147,16 @@ class Runner:
         torch.manual_seed(seed)
 
     def _input_checkpoint(self, stage: str) -> str:
-        previous = {"init-stats": "source", "adapt": "init-stats", "pseudo-label": "adapt", "self-train": "adapt",
-                    "mean-teacher": "source"}
         if self.init_checkpoint and stage == self._first_stage:
             return self.init_checkpoint
-        path = self.final_path(previous[stage])
-        if self.cfg.solver.select == "best" and previous[stage] in ("source", "adapt"):
+        (previous,) = stage_record(stage).starts_from
+        path = self.final_path(previous)
+        if self.cfg.solver.select == "best" and stage_record(previous).keeps_best:
             # The public script's choice: the best val mIoU (best.pt is final.pt when there is no val set).
-            path = os.path.join(self.stage_dir(previous[stage]), "best.pt")
+            path = os.path.join(self.stage_dir(previous), "best.pt")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"stage {stage} starts from {path}, which does not exist: run stage "
-                                    f"{previous[stage]} first, or pass --init CHECKPOINT")
+                                    f"{previous} first, or pass --init CHECKPOINT")
         return path
 
     def _trusted(self, path: str) -> bool:
@@ -219,7 +218,7 @@ class Runner:
                 continue
             # Seeded per stage, before any model is built, so that a stage's result depends on the config only.
             self._seed(STAGE_SEEDS[stage])
-            getattr(self, "run_" + stage.replace("-", "_"))()
+            getattr(self, stage_record(stage).runs)()
             barrier(self.dist)
         result = {"run_dir": self.run_dir, "stages": stages, "seconds": round(time.time() - start, 1)}
         if self.dist.is_main:
@@ -270,7 +269,7 @@ class Runner:
             return (module_tensors(model) + [t for m in modules.values() for t in module_tensors(m)]
                     + statistics_tensors(statistics))
         check_ranks_agree(held(), self.dist, f"the {stage} stage's starting model")
-        warning = batch_mismatch(cfg, stage.replace("-", "_"), self.dist.world_size)
+        warning = batch_mismatch(cfg, stage_record(stage).key, self.dist.world_size)
         if warning and self.dist.is_main:
             log.warning(warning)
             print(f"sdca: warning: {warning}", flush=True)
@@ -326,7 +325,7 @@ class Runner:
     def _streams(self, stage: str, consumed: dict, solver, **datasets) -> dict:
         """One Stream per domain, with the stage's batch sizes and sampling. Each stage and domain draws its own
         sample order: adaptation must not replay the warm-up's sequence."""
-        recipe = stage_data(self.cfg, stage.replace("-", "_"))
+        recipe = stage_data(self.cfg, stage_record(stage).key)
         streams = {}
         for i, (name, ds) in enumerate(datasets.items()):
             seed = stream_seed(self.cfg.seed, stage, i)
@@ -429,7 +428,7 @@ class Runner:
         path = self._input_checkpoint("adapt")
         ckpt = read_checkpoint(path, trusted=self._trusted(path))  # read once: weights and statistics
         model = model_from_checkpoint(ckpt, path, num_classes=cfg.model.num_classes).to(self.device)
-        set_batchnorm_mode(model, "frozen" if cfg.method.adapt_bn == "frozen" else "train")
+        set_batchnorm_mode(model, "frozen" if cfg.method.adaptation_bn == "frozen" else "train")
         stats = self._new_statistics(model)
         init = (ckpt.get("statistics") if isinstance(ckpt, dict) else None) or {}
         if "features" not in init:
@@ -467,7 +466,7 @@ class Runner:
         if self.init_checkpoint and self._first_stage == "adapt-bn":
             start = self.init_checkpoint
         else:
-            done = [self.final_path(s) for s in ("mean-teacher", "self-train", "adapt", "source")
+            done = [self.final_path(s) for s in stage_record("adapt-bn").starts_from
                     if os.path.isfile(self.final_path(s))]
             if not done:
                 raise FileNotFoundError("stage adapt-bn re-estimates a trained model's batch norm: run a training "
@@ -513,7 +512,7 @@ class Runner:
         target = self._dataset("target", None)
         names = [n for n in target.names if n not in unlabelled]
         space = LabelSpace("model", tuple(model.info.class_names), tuple(model.info.palette))
-        labelled = PseudoLabelled(target.image_root, names, label_dir, space,
+        labelled = ImagesAndLabelMaps(target.image_root, names, label_dir, space,
                                   stage_transform(cfg, "self_train", uint8=self.uint8),
                                   cfg.data.on_corrupt)
 

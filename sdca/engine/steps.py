@@ -176,7 +176,7 @@ class AdaptStep(StepBase):
     Each step first merges the current source batch into the semantic distributions (Eq. 3-4; all ranks pool
     their batches, so statistics agree everywhere), then builds target masks by Eq. 5. The statistics live in
     the space the loss variant reads: L2-normalised rows for the paper variant, raw rows for the public one.
-    With ``adapt_bn="target"`` the source forward leaves the batch-norm running statistics alone, so that
+    With ``adaptation_bn="target"`` the source forward leaves the batch-norm running statistics alone, so that
     inference normalises with target statistics.
     """
 
@@ -243,7 +243,7 @@ class AdaptStep(StepBase):
         m = self.method
         src, tgt = self.fetch(iteration, self.source, self.target)
         labels = src["label"].to(self.device, non_blocking=True)
-        keep_source_out = running_stats_untouched(self.model) if m.adapt_bn == "target" else contextlib.nullcontext()
+        keep_source_out = running_stats_untouched(self.model) if m.adaptation_bn == "target" else contextlib.nullcontext()
         with self.autocast():
             with keep_source_out:
                 s_out = self.model(self.images(src))
