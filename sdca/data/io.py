@@ -7,8 +7,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .._atomic import atomic_write
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+from .frames import IMAGE_EXTENSIONS  # noqa: F401 (re-exported: the data sets' extension list)
 
 
 class CorruptImageError(ValueError):

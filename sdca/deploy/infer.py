@@ -7,7 +7,6 @@ Needs numpy, Pillow, OpenCV and the segmenter's runtime; torch only for the PyTo
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
 import queue
@@ -21,51 +20,12 @@ import numpy as np
 from PIL import Image
 
 from .._atomic import atomic_write, atomic_write_text
+from ..data.frames import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS, Source, discover
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+# The frame sources live in sdca.data.frames (one extension list); the old names stay importable from here.
+IMAGE_EXTS, VIDEO_EXTS = IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 OUTPUT_KINDS = ("color", "overlay", "trainid", "labelid", "confidence")
 _EXT = {"color": ".png", "overlay": ".jpg", "trainid": ".png", "labelid": ".png", "confidence": ".png"}
-
-
-@dataclass
-class Source:
-    path: str
-    rel: str  # output path stem relative to the output folder (no extension)
-    video: bool = False
-
-
-def discover(paths: Sequence[str]) -> List[Source]:
-    """Files, folders (recursive) and glob patterns -> image and video sources with their output stems."""
-    found: List[Source] = []
-    for p in paths:
-        if os.path.isdir(p):
-            for root, _, files in os.walk(p):
-                for name in sorted(files):
-                    full = os.path.join(root, name)
-                    _add(found, full, os.path.relpath(full, p))
-        elif os.path.isfile(p):
-            _add(found, p, os.path.basename(p), explicit=True)
-        elif glob.has_magic(p):
-            base = p.split("*")[0].split("?")[0].split("[")[0]
-            base = base if os.path.isdir(base) else os.path.dirname(base)
-            for full in sorted(glob.glob(p, recursive=True)):
-                if os.path.isfile(full):
-                    _add(found, full, os.path.relpath(full, base or "."))
-        else:
-            raise FileNotFoundError(f"input not found: {p}")
-    if not found:
-        raise ValueError(f"no images or videos found in {', '.join(paths)} (images: {', '.join(IMAGE_EXTS)}; "
-                         f"videos: {', '.join(VIDEO_EXTS)})")
-    return found
-
-
-def _add(found, full, rel, explicit=False):
-    ext = os.path.splitext(full)[1].lower()
-    if ext in IMAGE_EXTS or (explicit and ext not in VIDEO_EXTS):
-        found.append(Source(full, os.path.splitext(rel)[0]))
-    elif ext in VIDEO_EXTS:
-        found.append(Source(full, os.path.splitext(rel)[0], video=True))
 
 
 def output_path(out_dir: str, kind: str, rel: str) -> str:

@@ -56,21 +56,10 @@ class FrameSplit:
 
 
 def find_frames(source, what: str = "calibration frames") -> List[str]:
-    """Image files from a folder (recursive), a glob pattern or a list of paths, sorted: what `sdca infer`
-    finds there (its `discover`), videos left out."""
-    from .infer import IMAGE_EXTS, discover
+    """Image files from a folder (recursive), a glob pattern or a list of paths, sorted (sdca.data.frames)."""
+    from ..data.frames import find_images
 
-    if isinstance(source, (list, tuple)):
-        frames = sorted(p for p in source if p.lower().endswith(IMAGE_EXTS))
-    else:
-        try:
-            frames = sorted(s.path for s in discover([source]) if not s.video)
-        except (FileNotFoundError, ValueError):  # nothing there: said below, as a calibration problem
-            frames = []
-    if not frames:
-        where = source if isinstance(source, str) else "the data set given"
-        raise FileNotFoundError(f"no {what} ({', '.join(IMAGE_EXTS)}) in {where}")
-    return frames
+    return find_images(source, what)
 
 
 def split_frames(frames: Sequence[str], calib: int, held_out: int, seed: int = 0) -> FrameSplit:

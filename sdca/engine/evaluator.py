@@ -127,3 +127,15 @@ def format_table(summary: dict) -> str:
         if key.startswith("mIoU_"):
             rows.append(f"{key:<16} {pct(value)}")
     return "\n".join(rows)
+
+
+def checkpoint_feature_statistics(checkpoint: str, trusted: bool = False) -> SemanticDistribution:
+    """The source feature statistics a checkpoint holds (init-stats, adapt), which the PDD needs."""
+    from ..models import read_checkpoint
+
+    raw = read_checkpoint(checkpoint, trusted=trusted)
+    state = (raw.get("statistics") or {}).get("features") if isinstance(raw, dict) else None
+    if not state:
+        raise ValueError(f"{checkpoint} holds no feature statistics, which --pdd needs "
+                         "(use a checkpoint from init-stats or adapt)")
+    return SemanticDistribution.from_state_dict(state)

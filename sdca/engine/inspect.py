@@ -357,3 +357,16 @@ def compare_markdown(results: Dict[str, dict], folders: Dict[str, str]) -> List[
                   "source Gaussian) − (source features' to their labelled class's).", ""]
     lines += [f"![{n}]({folders[n]}/classes.png)" for n in names if "classes" in results[n].get("figures", {})]
     return lines
+
+
+def read_for_inspect(checkpoint: str, trusted: bool = False):
+    """(the checkpoint read, its class count, its training size or None): what the data sets are built with. A
+    public release file (no model info) predicts the 19 Cityscapes classes."""
+    from ..models.deeplab import ModelInfo
+
+    try:
+        ckpt = read_checkpoint(checkpoint, trusted=trusted)
+        info = ModelInfo.from_dict(ckpt["model"]["info"]) if ckpt.get("format") == "sdca-checkpoint" else None
+    except KeyError as exc:
+        raise ValueError(f"{checkpoint}: no model information ({exc})") from None
+    return ckpt, (info.num_classes if info else 19), (info.train_size if info else None)
