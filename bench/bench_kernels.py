@@ -1,6 +1,6 @@
 """SDCA kernels against their baselines, measured side by side in one run.
 
-    python bench/bench_kernels.py                 # CPU, the issue's sizes (about 3 minutes on 2 cores)
+    python bench/bench_kernels.py                 # CPU, the specified sizes (about 3 minutes on 2 cores)
     python bench/bench_kernels.py --device cuda   # GPU, at the paper's full training-step scale
     python bench/bench_kernels.py --quick         # tiny sizes: checks that every case runs
     ... --fail-on-miss                            # exit 3 when a target line is not met (the device check)
@@ -8,7 +8,7 @@
 Every (case, implementation) runs in a fresh subprocess, so its extra memory is measured cleanly: on the CPU
 the rise of peak RSS over the RSS after the inputs were made, on CUDA torch.cuda.max_memory_allocated over
 the inputs. Times are the median of --repeat runs after one warm-up. The baselines are rebuilt here from the
-description of the public research code in shared/reference (its diagonal loss; its N x K x A statistics
+description of the public research code in docs/reference (its diagonal loss; its N x K x A statistics
 update), plus plain products for the full-covariance cases.
 """
 from __future__ import annotations
@@ -201,7 +201,7 @@ def sizes_for(device, quick):
             "stats_diag": {"N": 16_384, "A": 2048, "K": 19}, "stats_full": {"N": 16_384, "A": 2048, "K": 19}}
 
 
-# (case, baseline, ours, what the issue asks for, time test(ratio = baseline / ours), memory test(ratio))
+# (case, baseline, ours, the target it is held to, time test(ratio = baseline / ours), memory test(ratio))
 TARGETS = [
     ("diag_loss", "public", "sdca", "time >= 5x faster than the public formulation",
      lambda r: r >= 5.0, None),

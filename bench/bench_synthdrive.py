@@ -1,4 +1,4 @@
-"""SynthDrive generation speed on one core (the issue's floor: 30 frames/s at 512x256), per domain.
+"""SynthDrive generation speed on one core (the floor it was built to: 30 frames/s at 512x256), per domain.
 
     python bench/bench_synthdrive.py [--frames 100]
 """

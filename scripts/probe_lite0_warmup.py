@@ -1,6 +1,6 @@
 """One warm-up run of the Lite0 SynthDrive experiment with other optimiser settings, scored on val and test.
 
-The README's probes of why the Lite0 oracle stays weak (learning rate, warm-up length, Lovász, the head's
+The probes (docs/results.md) of why the Lite0 oracle stays weak (learning rate, warm-up length, Lovász, the head's
 learning-rate multiplier; whether the loss bites after a better warm-up) were run with this script, one seed
 each; they are not part of `sdca experiment`'s protocol (one seed, no sweep, the λ = 0 control as the only
 control).

@@ -1,24 +1,14 @@
 """The installed `sdca` entry point, run as a user would, in a subprocess."""
 import json
-import os
-import shutil
 import subprocess
 import sys
 
-import pytest
-
 import sdca
-
-
-def sdca_cmd():
-    exe = shutil.which("sdca", path=os.path.dirname(sys.executable))
-    if exe is None:
-        pytest.fail("the `sdca` console script is not installed next to this Python; run `make setup`")
-    return [exe]
+from tests.common_utils import run_sdca
 
 
 def run(*args):
-    return subprocess.run(sdca_cmd() + list(args), capture_output=True, text=True, timeout=120)
+    return run_sdca(*args, timeout=120)
 
 
 def test_version():
@@ -47,5 +37,40 @@ def test_doctor_json_reports_backends():
 
 
 def test_module_entry_point():
-    out = subprocess.run([sys.executable, "-m", "sdca", "--version"], capture_output=True, text=True, timeout=120)
+    out = run_sdca("--version", module=True, timeout=120)
     assert out.returncode == 0 and sdca.__version__ in out.stdout
+
+
+# ------------------------------------------------------------------ parsing, with click's CliRunner (no subprocess)
+def test_size_reads_w_x_h_and_the_older_w_h_form_alike(tmp_path):
+    from sdca.cli import main
+
+    ckpt = tmp_path / "m.pt"
+    ckpt.write_bytes(b"not parsed here")
+    command = main.commands["evaluate"]
+    base = [str(ckpt), "--data", "images", "--root", str(tmp_path)]
+    new = command.make_context("evaluate", base + ["--size", "64x32"])
+    old = command.make_context("evaluate", base + ["--size", "64", "32"])
+    assert new.params["size"] == old.params["size"] == (64, 32)
+    infer = main.commands["infer"].make_context("infer", ["--size", "96", "48", "frames/"])
+    assert infer.params["size"] == (96, 48) and infer.params["inputs"] == ("frames/",)
+
+
+def test_a_library_error_is_one_line_naming_the_file(tmp_path):
+    from click.testing import CliRunner
+
+    from sdca.cli import main
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    result = CliRunner().invoke(main, ["export", str(junk), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("Error: ") and str(junk) in result.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_the_command_line_loads_without_torch():
+    """The CLI imports the library inside commands only: `sdca --help` needs click and the torch-free records."""
+    out = subprocess.run([sys.executable, "-c", "import sys; import sdca.cli; print('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr

@@ -87,7 +87,7 @@ CITYSCAPES_LABELID_TO_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7
 # SYNTHIA-RAND-CITYSCAPES GT/LABELS (uint16, first channel) -> the 16 classes.
 SYNTHIA_ID_TO_16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12, 19: 13,
                     12: 14, 11: 15}
-# Cross-City (NTHU) labels are read as Cityscapes labelIds of its 13 classes. Not in shared/reference: taken
+# Cross-City (NTHU) labels are read as Cityscapes labelIds of its 13 classes. Not in docs/reference: taken
 # from public re-implementations; override with CrossCity(..., id_map=...) if your copy differs.
 CROSS_CITY_LABELID_TO_13 = {7: 0, 8: 1, 11: 2, 19: 3, 20: 4, 21: 5, 23: 6, 24: 7, 25: 8, 26: 9, 28: 10, 32: 11,
                             33: 12}

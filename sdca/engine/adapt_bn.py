@@ -1,6 +1,6 @@
 """`sdca adapt-bn`: re-estimate a checkpoint's batch-norm statistics on unlabelled target frames (AdaBN).
 
-On SynthDrive this one pass over target frames gave most of the measured gain of adaptation (README). It needs
+On SynthDrive this one pass over target frames gave most of the measured gain of adaptation (docs/results.md). It needs
 no labels, no source data and no training: a robot team can run it on a folder of its own camera frames.
 Models trained with frozen batch norm are converted to ordinary batch norm for the pass and back afterwards,
 so the checkpoint keeps its mode; a model without batch norm (VGG-16) is refused.

@@ -210,7 +210,7 @@ def build_model_from_config(m: ModelConfig, train_size=None, class_names=None, p
         pretrained = "imagenet"  # its weights ship with a package: nothing for the user to fetch
     if pretrained is None and not m.no_pretrained and m.arch != "deeplabv2_small":
         raise ValueError(f"{m.arch} starts from ImageNet weights: set model.pretrained to a local torchvision file "
-                         "(see the README for which file) or pass --no-pretrained to train from scratch")
+                         "(docs/models.md says which file) or pass --no-pretrained to train from scratch")
     return build_model(m.arch, m.num_classes, bn=m.bn, pretrained=pretrained, width=m.width,
                        train_size=train_size, class_names=class_names, palette=palette,
                        output_stride=m.output_stride, trusted=trusted)

@@ -4,7 +4,7 @@ source-only -> init-stats -> adapt -> pseudo-label -> self-train with the small 
 on a held-out labelled split of the 'real' domain; the final model exported to ONNX and run with
 `sdca infer` on a few target frames; ``report.md`` with a per-class IoU table per stage, training curves
 and a qualitative grid (input, ground truth, source-only, SDCA, SDCA + self-training). The numbers are what
-this run measures; the controlled comparison the README reports is a separate experiment (issue 6).
+this run measures; the controlled comparison docs/results.md reports is a separate experiment.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ QUICK = {"frames": (40, 40, 12), "iters": (40, 20, 20), "batch": 2}
 # The models the SynthDrive runs can use: the small scratch network (the demo's, the first experiment's) and
 # EfficientNet-Lite0 from ImageNet at output stride 16 (stride 8 measured 3.4x slower per step at 512 x 256) on
 # 384 x 192 frames: 512 x 256 would cost 1.8x more per step, which the 2-hour budget of the experiment on two
-# cores does not hold with three seeds and every control (README, "SDCA from ImageNet").
+# cores does not hold with three seeds and every control (docs/results.md, "SDCA from ImageNet").
 SYNTHDRIVE_MODELS = {
     "small": {"model": {"arch": "deeplabv2_small", "num_classes": 19, "width": 16, "bn": "train",
                         "no_pretrained": True},
@@ -78,7 +78,7 @@ def synthdrive_config(run_dir: str, plan: dict, seed: int, cache: str, *, source
                        method=dict(DEMO_METHOD, **(method or {}), mean_teacher=dict(mean_teacher or {})))
 
 
-# The adaptation settings the demo runs: those the experiment's validation sweep chose (README, "What SDCA does
+# The adaptation settings the demo runs: those the experiment's validation sweep chose (docs/results.md, "What SDCA does
 # on SynthDrive"): target batch-norm statistics, lambda 0.1, tau 0.5, the class-balanced target mask.
 DEMO_METHOD = {"variant": "paper", "covariance": "full", "tau": 0.5, "lambda_feat": 0.1, "lambda_out": 0.1,
                "delta": 0.9, "adaptation_bn": "target", "class_balanced_mask": True}
@@ -164,8 +164,8 @@ def _report(cfg, results, export, infer, quick, seconds, version, inspected=None
              f"batch norm during adaptation: {cfg.method.adaptation_bn}; target mask: "
              f"{'class-balanced' if cfg.method.class_balanced_mask else 'Eq. 5'} (delta {cfg.method.delta}). "
              f"Wall time {seconds:.0f} s.", "",
-             "One run, one seed: differences between rows are not significant by themselves (see the README for the "
-             "controlled experiment).", "",
+             "One run, one seed: differences between rows are not significant by themselves (see docs/results.md for "
+             "the controlled experiment).", "",
              "| class | " + " | ".join(results) + " |", "| --- |" + " ---: |" * len(results)]
     for n in names:
         cells = [results[r]["IoU"][n] for r in results]

@@ -1,4 +1,4 @@
-"""`sdca experiment`: the controlled SynthDrive comparison the README reports.
+"""`sdca experiment`: the controlled SynthDrive comparison docs/results.md reports.
 
 For each seed: source-only; the target-supervised oracle; AdaBN (source-only with batch-norm statistics
 re-estimated on target images); self-training from source-only; the adapt stage with lambda_feat = lambda_out
@@ -52,7 +52,7 @@ MT_SWEEP_THRESHOLD = (0.9,)  # beside the default 0.968
 MT_SWEEP_CONTRAST = ((1.0, 100.0), (0.1, 0.5))  # (lambda, tau): SePiCo's, and the SDCA rows' chosen setting
 MT_PROJECTION_DIM = 64  # the head's output width on SynthDrive (SePiCo's 512 is for a 2048-wide backbone)
 # --mean-teacher-only: no sweep. The mean teacher takes the recipe's defaults (SePiCo's alpha, threshold and
-# contrast), SDCA's control the settings the full experiment's earlier validation sweep chose (README).
+# contrast), SDCA's control the settings the full experiment's earlier validation sweep chose (docs/results.md).
 MT_DEFAULT = {"alpha": 0.999, "thr": 0.968}
 MT_DEFAULT_CONTRAST = dict(MT_DEFAULT, contrast="projection", lam=1.0, tau=100.0)
 EARLIER_CHOICE = {"small": {"bn": "target", "lam": 0.1, "tau": 0.5, "cb": True},

@@ -1,7 +1,9 @@
 """The training loop: one step function, everything else a hook (detectron2's engine, reduced).
 
-A hook may carry state (``state_dict`` / ``load_state_dict``) that goes into the checkpoint, so LR schedule,
-logging, checkpointing and signal handling compose instead of piling into one loop.
+LR schedule, logging, evaluation, checkpointing and signal handling are hooks, so they compose instead of
+piling into one loop. Hooks keep no state of their own across a resume: what a resumed stage needs (the step,
+the optimizer, the sample positions, the random generators) the checkpoint hook saves from the step and the
+runner, and the LR schedule is a function of the step.
 """
 from __future__ import annotations
 

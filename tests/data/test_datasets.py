@@ -22,7 +22,7 @@ from sdca.data import (
     trainid_to_labelid,
 )
 
-# The label tables of shared/reference/public_code_facts.md, written out again here as the expectation.
+# The label tables of docs/reference/public_code_facts.md, written out again here as the expectation.
 LABELID_TO_19 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12, 26: 13,
                  27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 LABELID_TO_16 = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 23: 9, 24: 10, 25: 11, 26: 12, 28: 13,

@@ -1,10 +1,6 @@
 """The deployment commands as users type them: defaults for model, checkpoint and output folder; side files for
 robotics stacks and `sdca export --describe`; one-line summaries in `sdca --help`."""
 import csv
-import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,12 +10,11 @@ from PIL import Image
 
 from sdca.deploy.metadata import read_onnx_metadata
 from sdca.models import build_model, save_checkpoint
+from tests.common_utils import run_sdca
 
 
 def sdca(*args, cwd, env=None):
-    exe = shutil.which("sdca", path=os.path.dirname(sys.executable))
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=300, cwd=cwd,
-                          env={**os.environ, **(env or {})})
+    return run_sdca(*args, cwd=cwd, env=env)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ def test_metadata_round_trip_and_argmax_output(tmp_path):
 
 
 def test_fp16_weights_and_public_checkpoint_export(tmp_path):
-    from tests.models.test_models import public_state  # the public key layout with random tensors
+    from tests.common_utils import public_state  # the public key layout with random tensors
 
     ckpt = tmp_path / "model_best.pth"
     torch.save(public_state("vgg16", 19, "module."), ckpt)

@@ -17,8 +17,6 @@ from sdca.deploy.onnx_export import export_onnx
 from sdca.models import build_model, save_checkpoint
 from sdca_serve.runtime import OnnxSegmenter
 
-from .test_cpp_consumer import consumer  # noqa: F401  (the fixture that builds or finds the C++ consumer)
-
 WIDTH, HEIGHT = 128, 64
 
 
@@ -68,7 +66,7 @@ def test_triton_repository(lite0, tmp_path):
 
 def test_serve(lite0):
     pytest.importorskip("fastapi")
-    from tests.serve.conftest import Service, png
+    from tests.common_utils import Service, png
 
     dynamic, _, frames = lite0
     svc = Service(str(dynamic))
@@ -81,7 +79,7 @@ def test_serve(lite0):
         svc.stop()
 
 
-def test_cpp_consumer(lite0, consumer, tmp_path):  # noqa: F811
+def test_cpp_consumer(lite0, consumer, tmp_path):
     _, static, frames = lite0
     run = subprocess.run([consumer, str(static), str(frames / "1.png"), str(tmp_path / "l.png")], capture_output=True,
                          text=True)

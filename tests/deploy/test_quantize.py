@@ -15,25 +15,7 @@ from sdca.deploy.onnx_export import export_onnx
 from sdca.deploy.quantize import QuantizationRejected, find_frames, quantize_int8, split_frames
 from sdca.models import build_model, save_checkpoint
 from sdca_serve.runtime import preprocess
-
-
-def scene_frames(folder, n, seed, constant=False):
-    """Frames with structure (a horizon, a box), so that a trained-looking model's labels vary over the image."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        if constant:
-            img = np.zeros((32, 64, 3), np.uint8)
-        else:
-            img = np.zeros((32, 64, 3), np.float32)
-            h = int(rng.integers(10, 22))
-            img[:h] = rng.uniform(120, 230, 3)
-            img[h:] = rng.uniform(30, 120, 3)
-            x = int(rng.integers(0, 40))
-            img[h - 6:h + 4, x:x + 16] = rng.uniform(0, 255, 3)
-            img = np.clip(img + rng.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
-        Image.fromarray(img).save(folder / f"f{i:03d}.png")
-    return folder
+from tests.common_utils import scene_frames
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from sdca.deploy.onnx_export import export_onnx
 from sdca.deploy.quantize import default_activations, integer_kernels, quantize_int8
 from sdca.models import build_model, save_checkpoint
-from tests.deploy.test_quantize import scene_frames
+from tests.common_utils import scene_frames
 
 
 @pytest.mark.parametrize("machine,expected", [("x86_64", "uint8"), ("AMD64", "uint8"), ("aarch64", "int8"),

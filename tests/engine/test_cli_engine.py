@@ -1,29 +1,24 @@
 """train / evaluate / pseudo-label through the installed `sdca` entry point; SIGINT saves and resumes."""
 import json
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
+from sdca.cli import main
 from sdca.models import read_checkpoint
-
-
-def sdca_exe():
-    exe = shutil.which("sdca", path=os.path.dirname(sys.executable))
-    assert exe, "the sdca console script is not installed next to this Python"
-    return exe
+from tests.common_utils import run_sdca, sdca_exe
 
 
 def sdca(*args, timeout=300):
-    return subprocess.run([sdca_exe(), *args], capture_output=True, text=True, timeout=timeout)
+    return run_sdca(*args, timeout=timeout)
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "pseudo-label", "doctor", "demo", "export", "infer"])
+# Every registered command that parses its own options (serve and ros hand theirs to sdca_serve, whose help is
+# tested with it).
+@pytest.mark.parametrize("command", sorted(name for name, c in main.commands.items() if c.add_help_option))
 def test_every_command_has_help(command):
     out = sdca(command, "--help")
     assert out.returncode == 0 and "Usage: sdca " + command in out.stdout

@@ -1,8 +1,6 @@
 """`sdca inspect` on the tiny fabricated scenes: numbers against a brute force, report with and without target
 labels, valid figures, skipped diagnostics for a model without statistics, bad input."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +10,7 @@ import yaml
 from PIL import Image
 
 from sdca.engine import Runner, load_config
+from tests.common_utils import run_sdca
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
@@ -20,7 +19,7 @@ pytest.importorskip("sklearn")
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A source model (no statistics) and its init-stats checkpoint (with them), and a YAML config of the data."""
-    from tests.engine.conftest import write_tree
+    from tests.common_utils import write_tree
 
     tmp = tmp_path_factory.mktemp("inspect")
     mapping = tmp / "mapping.yaml"
@@ -43,7 +42,7 @@ def trained(tmp_path_factory):
 
 
 def _sdca(*args):
-    return subprocess.run([sys.executable, "-m", "sdca", *args], capture_output=True, text=True)
+    return run_sdca(*args, module=True, timeout=900)
 
 
 def _valid_png(path):

@@ -1,4 +1,4 @@
-"""The paper presets resolve to the public training recipe (shared/reference/official_recipe.md), stage by stage."""
+"""The paper presets resolve to the public training recipe (docs/reference/official_recipe.md), stage by stage."""
 import random
 
 import numpy as np

@@ -1,7 +1,5 @@
 """Backbones, shapes, batch-norm modes, public-checkpoint import and our checkpoint format."""
-import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,33 +17,7 @@ from sdca.models import (
     set_batchnorm_mode,
     upsample_logits,
 )
-
-LAYOUT = json.loads(Path(os.path.join(os.path.dirname(__file__), "..", "fixtures", "official_state_dict_layout.json")).read_text())
-
-
-def public_state(section, num_classes=19, prefix="", seed=0):
-    """Random tensors in the public code's exact key layout (shared/reference/official_state_dict_layout.json)."""
-    gen = torch.Generator().manual_seed(seed)
-    fe = {}
-    for key, shape, dtype in LAYOUT[section]["feature_extractor_state_dict"]:
-        if dtype == "int64":
-            fe[key] = torch.tensor(0)
-        elif key.endswith("running_var"):
-            fe[key] = torch.rand(shape, generator=gen) + 0.5
-        elif key.endswith("running_mean") or key.endswith(".bias"):
-            fe[key] = torch.randn(shape, generator=gen) * 0.1
-        elif len(shape) == 1:  # batch-norm weight
-            fe[key] = torch.rand(shape, generator=gen) * 0.5 + 0.5
-        else:
-            fan_in = shape[1] * shape[2] * shape[3]
-            fe[key] = torch.randn(shape, generator=gen) / fan_in ** 0.5
-    if num_classes == 19:
-        cls_layout = LAYOUT[section]["classifier_state_dict"]
-    else:
-        cls_layout = LAYOUT["classifier_16_classes_" + ("vgg16" if section == "vgg16" else "resnet101")]
-    cls = {k: torch.randn(s, generator=gen) * 0.01 for k, s, _ in cls_layout}
-    return {"iteration": 1000, "feature_extractor": {prefix + k: v for k, v in fe.items()},
-            "classifier": {prefix + k: v for k, v in cls.items()}}
+from tests.common_utils import public_state
 
 
 # ---------------------------------------------------------------- an independent functional public model

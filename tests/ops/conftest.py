@@ -1,11 +1,6 @@
 import pytest
-import torch
 
 from sdca import ops
-
-DEVICES = [pytest.param("cpu", id="cpu"),
-           pytest.param("cuda", id="cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                    reason="needs a CUDA device"))]
 
 
 @pytest.fixture(autouse=True)

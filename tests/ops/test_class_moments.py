@@ -3,8 +3,7 @@ import pytest
 import torch
 
 from sdca import SemanticDistribution, ops
-
-from .conftest import DEVICES
+from tests.common_utils import DEVICES
 
 IGNORE = 255
 

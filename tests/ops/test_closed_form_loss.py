@@ -4,8 +4,7 @@ import torch
 
 import sdca
 from sdca import ops
-
-from .conftest import DEVICES
+from tests.common_utils import DEVICES
 
 IGNORE = 255
 RTOL = {torch.float32: 1e-4, torch.float64: 1e-10}
@@ -51,7 +50,7 @@ def both(q, labels, mean, cov, tau, normalize):
     return results
 
 
-# (N, A, K): the grid, trimmed where the float64 reference itself would take minutes on 2 cores.
+# (N, A, K): the grid the kernels were specified on, trimmed where the float64 reference itself would take minutes on 2 cores.
 # The diagonal shapes also cover each CUDA kernel variant: K <= 8, <= 20 and <= 32 (the tiled kernel's three
 # class widths) and K > 32 (one block per row); N and A off the tile sizes (128 rows, 32 columns).
 GRID_DIAG = [(1, 19, 2), (1000, 19, 19), (100_000, 19, 19), (100_000, 64, 16), (3000, 64, 2),

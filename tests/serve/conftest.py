@@ -1,52 +1,11 @@
 """A real service process on loopback, started the way a deployment starts it, with torch and sdca unimportable."""
-import http.client
-import io
-import subprocess
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from sdca.deploy.onnx_export import export_onnx
 from sdca.models import build_model, save_checkpoint
-from sdca_serve.loadtest import launch
-
-# sys.modules[name] = None makes `import name` fail: proof that serving needs neither torch nor the training code.
-LAUNCH = ("import sys; sys.modules['torch'] = None; sys.modules['sdca'] = None; "
-          "from sdca_serve.__main__ import main; sys.exit(main(sys.argv[1:]))")
-SIZE = (128, 64)  # (width, height) the test model serves
-
-
-class Service:
-    def __init__(self, model: str, *args: str):
-        self.process, self.port = launch(model, *args, python_args=("-c", LAUNCH), stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, text=True)
-
-    def request(self, method, path, body=None, headers=None, timeout=30):
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers=headers or {})
-            response = conn.getresponse()
-            return response.status, response.getheader("content-type"), response.read()
-        finally:
-            conn.close()
-
-    def segment(self, body, output="labels", content_type="image/png"):
-        return self.request("POST", f"/segment?output={output}", body, {"Content-Type": content_type})
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-
-def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+from tests.common_utils import SIZE, Service
 
 
 @pytest.fixture(scope="session")

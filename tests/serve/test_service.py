@@ -17,8 +17,7 @@ from sdca.deploy.onnx_export import export_onnx
 from sdca.models import build_model, save_checkpoint
 from sdca_serve.loadtest import load
 from sdca_serve.runtime import OnnxSegmenter
-
-from .conftest import SIZE, Service, png
+from tests.common_utils import SIZE, Service, png
 
 
 def frame(i=0, size=SIZE):
@@ -116,8 +115,7 @@ def test_a_full_queue_answers_503_with_retry_after(served_model):
 
     from sdca_serve.app import ServeSettings, create_app
     from sdca_serve.loadtest import free_port
-
-    from .conftest import Service
+    from tests.common_utils import Service
 
     release, entered = threading.Event(), threading.Event()
 
