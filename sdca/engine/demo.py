@@ -15,6 +15,7 @@ from typing import List, Optional
 
 import numpy as np
 
+from . import markdown as md
 from .config import load_config
 
 FULL = {"frames": (300, 300, 100), "iters": (600, 300, 300), "batch": 4}
@@ -166,13 +167,13 @@ def _report(cfg, results, export, infer, quick, seconds, version, inspected=None
              f"Wall time {seconds:.0f} s.", "",
              "One run, one seed: differences between rows are not significant by themselves (see docs/results.md for "
              "the controlled experiment).", "",
-             "| class | " + " | ".join(results) + " |", "| --- |" + " ---: |" * len(results)]
+             *md.header(["class", *results], "l" + "r" * len(results))]
     for n in names:
         cells = [results[r]["IoU"][n] for r in results]
         if all(c is None for c in cells):
             continue
-        lines.append(f"| {n} | " + " | ".join("n/a" if c is None else f"{100 * c:.1f}" for c in cells) + " |")
-    lines.append("| **mIoU** | " + " | ".join(f"**{100 * (r['mIoU'] or 0):.1f}**" for r in results.values()) + " |")
+        lines.append(md.row([n, *("n/a" if c is None else f"{100 * c:.1f}" for c in cells)]))
+    lines.append(md.row(["**mIoU**", *(f"**{100 * (r['mIoU'] or 0):.1f}**" for r in results.values())]))
     parity = export.get("parity", [])
     lines += ["", "![training curves](curves.png)", "", "![input, ground truth, source-only, SDCA, SDCA + self-training]"
               "(qualitative.png)", "",

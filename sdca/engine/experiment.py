@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .._atomic import atomic_write_text
+from . import markdown as md
 from .demo import synthdrive_config
 
 # Longer than the demo: the oracle needs it to separate from source-only (600 warm-up steps left it at 17.6).
@@ -511,8 +512,7 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
              f"{choice['lam']}, tau = {choice['tau']}, delta = {DELTA}, target mask "
              f"{'class-balanced (per-class min(delta, batch median))' if choice.get('cb') else 'Eq. 5 (fixed delta)'}.",
              "",
-             "| row | batch norm | mean ± std | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "| --- | --- | ---: |" + " ---: |" * len(seeds)]
+             *md.header(["row", "batch norm", "mean ± std", *(f"seed {s}" for s in seeds)], "llr" + "r" * len(seeds))]
     for row in table.values():
         lines.append(f"| {row['label']} | {row['bn']} | {row['mean']:.1f} ± {row['std']:.1f} | "
                      + " | ".join(f"{v:.1f}" for v in row["test"]) + " |")
@@ -528,11 +528,11 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
     class_means = {name: means for name, means in class_means.items() if any(m is not None for m in means)}
     if rows:
         lines += ["", "## Per-class test IoU, mean over seeds", "",
-                  "| class | " + " | ".join(r["label"] for r in rows) + " |", "| --- |" + " ---: |" * len(rows)]
-        lines += [f"| {name} | " + " | ".join("n/a" if m is None else f"{m:.1f}" for m in means) + " |"
-                  for name, means in class_means.items()]
+                  *md.table(["class", *(r["label"] for r in rows)], "l" + "r" * len(rows),
+                            ([name, *("n/a" if m is None else f"{m:.1f}" for m in means)]
+                             for name, means in class_means.items()))]
     lines += ["", "## Validation sweep (seed 0, validation split)", "",
-              "| adapt_bn | lambda | tau | target mask | val mIoU |", "| --- | ---: | ---: | --- | ---: |"]
+              *md.header(["adapt_bn", "lambda", "tau", "target mask", "val mIoU"], "lrrlr")]
     for key in sorted(os.listdir(os.path.join(exp.out_dir, "results"))):
         if key.startswith("sweep_"):
             r = json.loads(Path(os.path.join(exp.out_dir, "results", key)).read_text())
@@ -542,7 +542,7 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
                          f"{100 * (r['val']['mIoU'] or 0):.1f} |")
     if len(WARMUP_BN[exp.model]) > 1:
         lines += ["", "## Warm-up batch norm (seed 0, source-only, validation split)", "",
-                  "| batch norm in the warm-up | val mIoU | test mIoU | note |", "| --- | ---: | ---: | --- |"]
+                  *md.header(["batch norm in the warm-up", "val mIoU", "test mIoU", "note"], "lrrl")]
         for bn in WARMUP_BN[exp.model]:
             r = exp.warmup(bn)
             lines.append(f"| {bn} (lr {r.get('lr', p.get('lr', ''))}) | {100 * (r['val']['mIoU'] or 0):.1f} | "
@@ -601,8 +601,8 @@ def _diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List[st
             "Gradient share: the norm of a term's gradient at the backbone features (both domains), relative to the "
             "source CE term's. Confident: mean over classes of the share of a class's predicted target pixels that "
             "pass the Eq. 5 mask.", "",
-            "| row | seed | L_feat share | L_out share | Lovász share | confident | L_feat first -> last |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | --- |"] + rows
+            *md.header(["row", "seed", "L_feat share", "L_out share", "Lovász share", "confident",
+                        "L_feat first -> last"], "lrrrrrl")] + rows
 
 
 def _mean_iou(values) -> Optional[float]:
@@ -650,8 +650,8 @@ def _goal(exp: Experiment, seeds: Sequence[int], choice: dict, table: Dict[str, 
     recovered = (b["mean"] - table["source"]["mean"]) / gap if gap > 0 else float("nan")
     lines = ["", f"Best recipe on validation (mean over seeds): **{b['label']}** (val {val_mean(best):.1f}; test "
                  f"{b['mean']:.1f} ± {b['std']:.1f}); it recovers {100 * recovered:.0f}% of the {gap:.1f}-point gap "
-                 "on test.", "", "| control | test mean ± std | best recipe minus control | beats it by more than the "
-                 "larger std |", "| --- | ---: | ---: | --- |"]
+                 "on test.", "", *md.header(["control", "test mean ± std", "best recipe minus control",
+                                             "beats it by more than the larger std"], "lrrl")]
     beaten = []
     for row in CONTROLS:
         c = table[row]
@@ -689,7 +689,7 @@ def _mt_sweep(exp: Experiment) -> List[str]:
     return ["", "## Mean-teacher validation sweep (seed 0, validation split)", "",
             "First alpha, then the confidence threshold at the best alpha (no contrast), then the contrastive term "
             "on the projection head." + note, "",
-            "| alpha | threshold | contrast | val mIoU |", "| ---: | ---: | --- | ---: |"] + lines
+            *md.header(["alpha", "threshold", "contrast", "val mIoU"], "rrlr")] + lines
 
 
 def _records(result: Optional[dict], stage: str) -> List[dict]:
@@ -736,8 +736,8 @@ def _mt_diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List
              "Gradient share: a term's gradient norm at the student's feature maps relative to the source CE's. "
              "Pseudo-weight: the share of target pixels the teacher is at least threshold-confident on. Teacher "
              "accuracy: its argmax against the target labels on the weak view. Precision: of its confident pixels.",
-             "", "| row | seed | mix CE share | contrast share | pseudo-weight first -> last | teacher accuracy "
-                 "first -> last | confident precision (median) |", "| --- | ---: | ---: | ---: | --- | --- | ---: |"]
+             "", *md.header(["row", "seed", "mix CE share", "contrast share", "pseudo-weight first -> last",
+                             "teacher accuracy first -> last", "confident precision (median)"], "lrrrllr")]
     lines += rows
     records = _records(exp.result(exp.row_key("mt", seeds[0], choice)), "mean-teacher")
     if records:
@@ -752,6 +752,6 @@ def _mt_diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List
                 per_class.append(f"| {name} | {fmt(early)} | {fmt(late)} |")
         lines += ["", f"Pseudo-label precision per class, seed {seeds[0]}'s plain mean teacher (of the target pixels the "
                       "teacher labels as the class, the share that are; mean over the first and the last quarter of "
-                      "the logged steps):", "", "| class | first quarter | last quarter |", "| --- | ---: | ---: |"]
+                      "the logged steps):", "", *md.header(["class", "first quarter", "last quarter"], "lrr")]
         lines += per_class
     return lines

@@ -27,6 +27,7 @@ from ..method.masks import class_median_thresholds
 from ..metrics import PixelDiscrimination
 from ..models import read_checkpoint, upsample_logits
 from ..models.checkpoint import model_from_checkpoint
+from . import markdown as md
 from .builders import build_dataset
 from .steps import pixel_rows, statistics_rows
 
@@ -292,7 +293,7 @@ def render_markdown(r: dict) -> str:
         head += ["Mahal. src", "Mahal. tgt", "PDD src", "PDD tgt"]
     if wl:
         head += ["target label %", "Eq.5 prec", "Eq.5 rec", "Eq.19 prec", "Eq.19 rec"]
-    lines += ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    lines += md.header(head, "l" + "r" * (len(head) - 1))
     for i, name in enumerate(r["classes"]):
         cells = [name, _fmt(pc["source_label_share"][i]), _fmt(pc["target_predicted_share"][i]),
                  _fmt(pc["target_mean_confidence"][i], 1, 2), _fmt(pc["target_mean_entropy"][i], 1, 2),
@@ -347,7 +348,7 @@ def compare_markdown(results: Dict[str, dict], folders: Dict[str, str]) -> List[
               ("eq5_precision", "Eq. 5 precision %", 100, 1), ("eq19_precision", "Eq. 19 precision %", 100, 1),
               ("mahalanobis_gap", "Mahalanobis gap (target − source)", 1, 1), ("target_pdd", "target PDD", 1, 3)]
     names = list(rows)
-    lines = ["| | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
+    lines = md.header(["", *names], "l" + "r" * len(names))
     for key, label, scale, digits in fields:
         if all(rows[n].get(key) is None for n in names):
             continue
