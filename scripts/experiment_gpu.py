@@ -21,6 +21,7 @@ import time
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sdca.engine.experiment import LITE0_PLAN, Experiment
+from sdca.engine.plan import Plan
 
 SDCA_CHOICE = {"bn": "target", "lam": 0.1, "tau": 0.5}
 MT_PLAIN = {"alpha": 0.999, "thr": 0.968}
@@ -46,11 +47,10 @@ def main() -> int:
         return 2
     width, height = (int(v) for v in args.size.lower().split("x"))
     if args.smoke:
-        plan = {"frames": (16, 16, 8), "iters": (6, 3, 3), "batch": 2, "mt_iters": 3}
+        plan = Plan(16, 16, 8, source_iters=6, adapt_iters=3, self_train_iters=3, batch=2, mean_teacher_iters=3)
         width, height = 128, 64
     else:
-        base = LITE0_PLAN
-        plan = dict(base, iters=tuple(i * args.scale for i in base["iters"]), mt_iters=base["mt_iters"] * args.scale)
+        plan = LITE0_PLAN.scaled(args.scale)
     exp = Experiment(args.out, model="lite0", plan=plan, device="cuda" if cuda else "cpu",
                      frame_size=(width, height), amp="bf16" if cuda else None, warmup_bn="train")
     s = args.seed
@@ -69,16 +69,17 @@ def main() -> int:
         print(f"{label}: test {table[key]['test']:.1f} val {table[key]['val']:.1f} ({time.time() - t:.0f} s)",
               flush=True)
     device = torch.cuda.get_device_name() if cuda else "CPU (smoke)"
-    it = plan["iters"]
+
     lines = [f"# SynthDrive sim -> real, deeplabv2_lite0 at {width}x{height}, seed {s}, on {device}", "",
-             f"Steps: warm-up {it[0]}, adapt {it[1]}, self-training {it[2]}, mean teacher {plan['mt_iters']}; batch "
-             f"{plan['batch']} per domain; {'bf16 autocast' if cuda else 'float32'}. Total {time.time() - start:.0f} s.",
+             f"Steps: warm-up {plan.source_iters}, adapt {plan.adapt_iters}, self-training {plan.self_train_iters}, mean "
+             f"teacher {plan.mt_iters}; batch "
+             f"{plan.batch} per domain; {'bf16 autocast' if cuda else 'float32'}. Total {time.time() - start:.0f} s.",
              "", "| row | test mIoU | val mIoU | seconds |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {r['label']} | {r['test']:.1f} | {r['val']:.1f} | {r['seconds']} |" for r in table.values()]
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(args.out, "table.json"), "w") as f:
-        json.dump({"device": device, "size": [width, height], "plan": plan, "rows": table}, f, indent=1)
+        json.dump({"device": device, "size": [width, height], "plan": plan.to_dict(), "rows": table}, f, indent=1)
     print("\n".join(lines))
     return 0
 

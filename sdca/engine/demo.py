@@ -17,9 +17,10 @@ import numpy as np
 
 from . import markdown as md
 from .config import load_config
+from .plan import Plan
 
-FULL = {"frames": (300, 300, 100), "iters": (600, 300, 300), "batch": 4}
-QUICK = {"frames": (40, 40, 12), "iters": (40, 20, 20), "batch": 2}
+FULL = Plan(300, 300, 100, source_iters=600, adapt_iters=300, self_train_iters=300, batch=4)
+QUICK = Plan(40, 40, 12, source_iters=40, adapt_iters=20, self_train_iters=20, batch=2)
 
 
 # The models the SynthDrive runs can use: the small scratch network (the demo's, the first experiment's) and
@@ -36,23 +37,24 @@ SYNTHDRIVE_MODELS = {
 }
 
 
-def synthdrive_config(run_dir: str, plan: dict, seed: int, cache: str, *, source_domain: str = "sim",
+def synthdrive_config(run_dir: str, plan, seed: int, cache: str, *, source_domain: str = "sim",
                       val_split: str = "test", method: Optional[dict] = None, model: str = "small",
                       model_overrides: Optional[dict] = None, mean_teacher: Optional[dict] = None,
                       target_labels: bool = False, device: str = "cpu", frame_size=None, amp=None):
     """The SynthDrive configuration shared by the demo and the controlled experiments.
 
-    ``plan``: frames (source, target, val), iters (source, adapt, self-train), batch. ``source_domain="real"``
+    ``plan``: a :class:`Plan` (or its dict form): frames, steps per stage, batch. ``source_domain="real"``
     trains on the labelled real frames that are otherwise the unlabelled target set (the oracle). ``model``:
     a key of SYNTHDRIVE_MODELS (its architecture, frame size and learning rates); ``model_overrides`` change
-    single model settings (e.g. ``{"bn": "frozen"}``). The mean-teacher stage (``plan["mt_iters"]`` steps, the
+    single model settings (e.g. ``{"bn": "frozen"}``). The mean-teacher stage (``plan.mt_iters`` steps, the
     adaptation stages' SGD and learning rate, so that rows differ in the method only) takes ``mean_teacher``
     (method.mean_teacher settings). ``target_labels``: the target stream carries its labels, for the stages'
     monitoring only (pseudo-label precision); no loss reads them. ``device``, ``frame_size`` (width, height;
     the crop scales with it) and ``amp``: the GPU script's larger scale (scripts/experiment_gpu.py).
     """
-    n_src, n_tgt, n_val = plan["frames"]
-    it_src, it_adapt, it_st = plan["iters"]
+    plan = Plan.of(plan)
+    n_src, n_tgt, n_val = plan.source_frames, plan.target_frames, plan.val_frames
+    it_src, it_adapt, it_st = plan.source_iters, plan.adapt_iters, plan.self_train_iters
     spec = SYNTHDRIVE_MODELS[model]
     size, (lr_src, lr_adapt, lr_st) = list(spec["size"]), spec["lr"]
     crop = list(spec["crop"])
@@ -63,13 +65,13 @@ def synthdrive_config(run_dir: str, plan: dict, seed: int, cache: str, *, source
         "kind": "synthdrive", "root": cache, "domain": domain, "split": split, "num_frames": n,
         "frame_size": size, "labelled": labelled}
     source = sd("real", "train", n_tgt) if source_domain == "real" else sd("sim", "train", n_src)
-    it_mt = plan.get("mt_iters", it_adapt + it_st)
+    it_mt = plan.mt_iters
     return load_config(None, [], name=os.path.basename(os.path.abspath(run_dir)),
                        output_dir=os.path.dirname(os.path.abspath(run_dir)), device=device, seed=seed, amp=amp,
                        model=dict(spec["model"], **(model_overrides or {})),
                        data={"source": source, "target": sd("real", "train", n_tgt, target_labels),
                              "val": sd("real", val_split, n_val), "source_size": size,
-                             "target_size": size, "self_train_crop": crop, "batch_size": plan["batch"],
+                             "target_size": size, "self_train_crop": crop, "batch_size": plan.batch,
                              "workers": 1},
                        solver={"source": {"iters": it_src, "lr": lr_src}, "adapt": {"iters": it_adapt, "lr": lr_adapt},
                                "self_train": {"iters": it_st, "lr": lr_st},

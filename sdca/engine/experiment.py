@@ -33,12 +33,16 @@ from typing import Dict, List, Optional, Sequence
 from .._atomic import atomic_write_text
 from . import markdown as md
 from .demo import synthdrive_config
+from .plan import Plan
 
 # Longer than the demo: the oracle needs it to separate from source-only (600 warm-up steps left it at 17.6).
-EXPERIMENT_PLAN = {"frames": (300, 300, 100), "iters": (800, 400, 400), "batch": 4, "mt_iters": 400}
-EXPERIMENT_QUICK = {"frames": (24, 24, 12), "iters": (20, 10, 10), "batch": 2, "mt_iters": 10}
+EXPERIMENT_PLAN = Plan(300, 300, 100, source_iters=800, adapt_iters=400, self_train_iters=400, batch=4,
+                       mean_teacher_iters=400)
+EXPERIMENT_QUICK = Plan(24, 24, 12, source_iters=20, adapt_iters=10, self_train_iters=10, batch=2,
+                        mean_teacher_iters=10)
 # Lite0 at 384 x 192: about 3x the small model's cost per step, so fewer steps (it starts from ImageNet).
-LITE0_PLAN = {"frames": (300, 300, 100), "iters": (300, 100, 100), "batch": 4, "mt_iters": 100}
+LITE0_PLAN = Plan(300, 300, 100, source_iters=300, adapt_iters=100, self_train_iters=100, batch=4,
+                  mean_teacher_iters=100)
 PLANS = {"small": EXPERIMENT_PLAN, "lite0": LITE0_PLAN}
 # Validation sweep: first batch-norm mode x loss weight (tau 0.5), then tau around the best of those.
 SWEEP_BN = ("train", "target")
@@ -79,7 +83,7 @@ MT_ROWS = ("mt", "mt_proj", "mt_backbone", "mt_nomix")
 
 class Experiment:
     def __init__(self, out_dir: str = "runs/experiment", *, quick: bool = False, progress: bool = False,
-                 model: str = "small", plan: Optional[dict] = None, device: str = "cpu", frame_size=None,
+                 model: str = "small", plan=None, device: str = "cpu", frame_size=None,
                  amp: Optional[str] = None, warmup_bn: Optional[str] = None, mt_sweep: bool = True):
         """``plan``, ``device``, ``frame_size`` and ``amp`` replace the CPU experiment's (the GPU script's scale);
         ``warmup_bn`` fixes the warm-up's batch-norm mode instead of choosing it on validation; ``mt_sweep=False``
@@ -88,7 +92,7 @@ class Experiment:
             raise ValueError(f"model must be one of {', '.join(PLANS)}, got {model!r}")
         self.out_dir = os.path.abspath(out_dir)
         self.model = model
-        self.plan = dict(plan or (EXPERIMENT_QUICK if quick else PLANS[model]))
+        self.plan = Plan.of(plan or (EXPERIMENT_QUICK if quick else PLANS[model]))
         self.device, self.frame_size, self.amp, self.fixed_warmup_bn = device, frame_size, amp, warmup_bn
         self.mt_sweep = mt_sweep
         self.quick = quick
@@ -503,9 +507,10 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
              else "256x128; deeplabv2_small (width 16) from scratch")
     lines = ["# SDCA on SynthDrive: the controlled experiment", "",
              f"SynthDrive {GENERATOR_VERSION}, sim -> real, {model}; "
-             f"{p['frames'][0]} source frames, {p['frames'][1]} target frames (unlabelled, except for the oracle), "
-             f"{p['frames'][2]} validation and {p['frames'][2]} test frames of the real domain. Iterations: source "
-             f"{p['iters'][0]}, adapt {p['iters'][1]}, self-training {p['iters'][2]}, batch {p['batch']} per domain. "
+             f"{p.source_frames} source frames, {p.target_frames} target frames (unlabelled, except for the oracle), "
+             f"{p.val_frames} validation and {p.val_frames} test frames of the real domain. Iterations: source "
+             f"{p.source_iters}, adapt {p.adapt_iters}, self-training {p.self_train_iters}, batch {p.batch} per "
+             "domain. "
              f"Seeds {', '.join(map(str, seeds))}. Test-split mIoU (19 classes; a class absent from the test "
              "split is left out).", "",
              f"Chosen on the validation split (seed 0): adapt_bn={choice['bn']}, lambda_feat = lambda_out = "

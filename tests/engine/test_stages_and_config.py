@@ -61,3 +61,19 @@ def test_the_data_check_follows_what_each_stage_reads(tmp_path):
         expected = [f"data.{e}.root = {tmp_path / ('nope-src' if e == 'source' else 'nope-tgt')}"
                     for e in ("source", "target") if e in stage(name).needs]
         assert missing == expected, name
+
+
+def test_a_plan_reads_the_old_dict_form_and_gives_the_same_config(tmp_path):
+    from sdca.engine.demo import synthdrive_config
+    from sdca.engine.plan import Plan
+
+    old = {"frames": (30, 20, 10), "iters": (8, 4, 2), "batch": 2}
+    plan = Plan.of(old)
+    assert (plan.source_frames, plan.target_frames, plan.val_frames, plan.batch) == (30, 20, 10, 2)
+    assert plan.mt_iters == 4 + 2  # the mean teacher takes the two stages' budget it replaces
+    assert Plan.of(plan.to_dict()) == Plan(30, 20, 10, 8, 4, 2, 2, 6)
+    assert plan.scaled(10).to_dict()["iters"] == [80, 40, 20] and plan.scaled(10).mt_iters == 60
+    a = synthdrive_config(str(tmp_path / "r"), old, 0, str(tmp_path / "c"))
+    b = synthdrive_config(str(tmp_path / "r"), plan, 0, str(tmp_path / "c"))
+    assert dataclasses.asdict(a) == dataclasses.asdict(b)
+    assert (a.solver.source.iters, a.solver.mean_teacher.iters, a.data.batch_size) == (8, 6, 2)
