@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -92,6 +93,175 @@ def _nan_list(values) -> list:
     return [None if (v is None or (isinstance(v, float) and math.isnan(v))) else float(v) for v in values]
 
 
+@dataclass
+class _Context:
+    """What both passes over the data share: the model, its statistics, the feature samples for the map."""
+    model: torch.nn.Module
+    k: int
+    variant: str
+    stats: Optional[SemanticDistribution]
+    device: object
+    frames: int
+    seed: int
+    per_class: int
+    progress: bool
+    gen: torch.Generator = None
+    samples: Dict[str, Dict[int, List[torch.Tensor]]] = field(default_factory=lambda: {"source": {}, "target": {}})
+    taken: Dict[str, Dict[int, int]] = field(default_factory=lambda: {"source": {}, "target": {}})
+
+    def batches(self, ds, which: str):
+        from tqdm.auto import tqdm
+
+        loader = DataLoader(_subset(ds, self.frames, self.seed), batch_size=1, collate_fn=collate)
+        return tqdm(loader, desc=f"inspect: {which}", disable=not self.progress)
+
+    def forward(self, image):
+        return self.model(self.model.info.normalization(image.to(self.device)))
+
+    def rows(self, out):
+        return statistics_rows(pixel_rows(out.features), self.variant)
+
+    def sample(self, which: str, rows, labels) -> None:
+        _sample_rows(rows, labels, self.per_class, self.k, self.gen, self.samples[which], self.taken[which])
+
+
+@dataclass
+class _SourcePass:
+    counts: torch.Tensor  # labelled pixels per class
+    scores: "_Scores"
+    pdd: PixelDiscrimination
+    frames: int
+
+
+@dataclass
+class _TargetPass:
+    confidence: torch.Tensor  # every kept pixel's max probability
+    prediction: torch.Tensor  # and its argmax
+    entropy_sum: torch.Tensor  # per predicted class
+    truth: Optional[torch.Tensor]  # the labels, with --target-labels
+    scores: "_Scores"
+    pdd: PixelDiscrimination
+    frames: int
+
+
+def _check_inputs(checkpoint, model, source, target, target_labels) -> None:
+    k = model.num_classes
+    for which, ds in (("source", source), ("target", target)):
+        if len(ds) == 0:
+            raise InspectError(f"the {which} data set is empty")
+        space = getattr(ds, "label_space", None)
+        if space is not None and len(space.class_names) != k:
+            raise InspectError(f"the {which} data has {len(space.class_names)} classes but {checkpoint} predicts {k}")
+    if isinstance(source, ImageFolder):
+        raise InspectError("the source data must be labelled (its label shares and Gaussians need labels)")
+    if target_labels and isinstance(target, ImageFolder):
+        raise InspectError("--target-labels: the target data set has no labels")
+
+
+def _source_pass(ctx: _Context, source) -> _SourcePass:
+    """Label shares and the source side of the alignment scores."""
+    k, stats = ctx.k, ctx.stats
+    result = _SourcePass(torch.zeros(k, dtype=torch.float64), _Scores(k), PixelDiscrimination(k), 0)
+    for batch in ctx.batches(source, "source"):
+        if not has_images(batch) or "label" not in batch:
+            continue
+        out = ctx.forward(batch["image"])
+        labels = batch["label"].to(ctx.device)
+        result.counts += class_shares(labels, k) * float((labels != IGNORE).sum())
+        small = downsample_labels(labels, out.features.shape[-2:]).reshape(-1)
+        rows = ctx.rows(out)
+        if stats is not None:
+            result.scores.add(rows, small, stats)
+            result.pdd.update(rows, small, stats.mean.float())
+        ctx.sample("source", rows, small)
+        result.frames += 1
+    if result.frames == 0:
+        raise InspectError("no labelled source frame could be read")
+    return result
+
+
+def _target_pass(ctx: _Context, target, target_labels: bool) -> _TargetPass:
+    """Predictions. Confidence and prediction of every pixel are kept (a bounded number of frames): the
+    per-class figures and Eq. 19's medians are read off them at the end; entropy is summed as it comes."""
+    k, stats = ctx.k, ctx.stats
+    ent_sum = torch.zeros(k, dtype=torch.float64)
+    confidences, predictions, truths = [], [], []
+    scores, pdd, n = _Scores(k), PixelDiscrimination(k), 0
+    for batch in ctx.batches(target, "target"):
+        if not has_images(batch):
+            continue
+        image = batch["image"].to(ctx.device)
+        out = ctx.forward(image)
+        probs = torch.softmax(upsample_logits(out.logits.float(), image.shape[-2:]), dim=1)
+        conf, pred = probs.max(1)
+        confidences.append(conf.reshape(-1).cpu())
+        predictions.append(pred.reshape(-1).cpu())
+        ent_sum.index_add_(0, predictions[-1], entropy(probs).reshape(-1).cpu())
+        small_pred = out.logits.argmax(1).reshape(-1)
+        rows = ctx.rows(out)
+        labelled = target_labels and "label" in batch
+        if labelled:
+            truths.append(batch["label"].reshape(-1))
+        if stats is not None:
+            scores.add(rows, small_pred, stats)
+            # PDD by the labels where there are some, else by the prediction (the best the target offers).
+            pdd_labels = (downsample_labels(batch["label"].to(ctx.device), out.features.shape[-2:]).reshape(-1)
+                          if labelled else small_pred)
+            pdd.update(rows, pdd_labels, stats.mean.float())
+        ctx.sample("target", rows, small_pred)
+        n += 1
+    if n == 0:
+        raise InspectError("no target frame could be read")
+    return _TargetPass(torch.cat(confidences), torch.cat(predictions), ent_sum,
+                       torch.cat(truths) if truths else None, scores, pdd, n)
+
+
+def _summary(src: _SourcePass, tgt: _TargetPass, k: int, delta: float, cap: float, with_stats: bool,
+             target_labels: bool) -> dict:
+    """The per-class figures, the alignment and, with target labels, precision / recall and the confusion."""
+    conf_all, pred_all = tgt.confidence, tgt.prediction
+    pred_counts = torch.bincount(pred_all, minlength=k).double()
+    conf_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, pred_all, conf_all.double())
+    thresholds = class_median_thresholds(conf_all, pred_all, k, cap=cap)
+    # Eq. 5 and Eq. 19 on the kept confidences (the rules of sdca.method.masks, which take whole probability
+    # maps: these frames' maps are not kept).
+    eq5_labels = torch.where(conf_all >= delta, pred_all, torch.full_like(pred_all, IGNORE))
+    eq19_labels = torch.where(conf_all >= thresholds.float()[pred_all], pred_all, torch.full_like(pred_all, IGNORE))
+    eq5, eq19 = (torch.bincount(lab[lab != IGNORE], minlength=k).double() for lab in (eq5_labels, eq19_labels))
+    src_share = src.counts / src.counts.sum()
+    tgt_share = pred_counts / pred_counts.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class = {
+            "source_label_share": src_share.tolist(), "target_predicted_share": tgt_share.tolist(),
+            "target_mean_confidence": _nan_list((conf_sum / pred_counts).tolist()),
+            "target_mean_entropy": _nan_list((tgt.entropy_sum / pred_counts).tolist()),
+            "eq5_pass_share": _nan_list((eq5 / pred_counts).tolist()),
+            "eq19_threshold": thresholds.tolist(), "eq19_pass_share": _nan_list((eq19 / pred_counts).tolist()),
+        }
+    result = {"kl_target_predicted_vs_source_labels": kl_divergence(tgt_share, src_share), "per_class": per_class}
+    if with_stats:
+        s_ll, s_d = src.scores.means()
+        t_ll, t_d = tgt.scores.means()
+        result["alignment"] = {"source_loglik": _nan_list(s_ll), "target_loglik": _nan_list(t_ll),
+                               "source_mahalanobis": _nan_list(s_d), "target_mahalanobis": _nan_list(t_d),
+                               "source_pdd": _nan_list(src.pdd.value().tolist()),
+                               "target_pdd": _nan_list(tgt.pdd.value().tolist()),
+                               "pdd_target_labels": "ground truth" if target_labels else "prediction"}
+        both = [(a, b) for a, b in zip(s_d, t_d) if not (math.isnan(a) or math.isnan(b))]
+        result["alignment"]["mean_mahalanobis_gap"] = (float(np.mean([b - a for a, b in both])) if both else None)
+    if target_labels and tgt.truth is not None:
+        truth_all = tgt.truth
+        valid = truth_all != IGNORE
+        confusion = torch.bincount(truth_all[valid].long() * k + pred_all[valid], minlength=k * k).reshape(k, k)
+        p5, r5, _ = masked_precision_recall(eq5_labels, truth_all, k)
+        p19, r19, _ = masked_precision_recall(eq19_labels, truth_all, k)
+        result["with_labels"] = {"eq5_precision": _nan_list(p5.tolist()), "eq5_recall": _nan_list(r5.tolist()),
+                                 "eq19_precision": _nan_list(p19.tolist()), "eq19_recall": _nan_list(r19.tolist()),
+                                 "target_label_share": class_shares(truth_all, k).tolist(),
+                                 "confusion": confusion.tolist()}
+    return result
+
+
 @torch.no_grad()
 def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_labels: bool = False,
                        frames: int = 50, device="cpu", feature_map: str = "pca",
@@ -104,23 +274,11 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
     recall and the confusion matrix. Both come with their transform (the size the model runs at). ``ckpt``:
     the checkpoint already read (:func:`read_checkpoint`), so that a caller that read it is not made to again;
     ``trusted``: read ``checkpoint`` with full unpickling otherwise (see :func:`read_checkpoint`).
+    Passes: the source (label shares, source-side scores), the target (predictions), the summary, the files.
     """
-    from tqdm.auto import tqdm
-
     ckpt = read_checkpoint(checkpoint, trusted=trusted) if ckpt is None else ckpt
     model = model_from_checkpoint(ckpt, checkpoint).to(device).eval()
-    k = model.num_classes
-    names = model.info.class_names
-    for which, ds in (("source", source), ("target", target)):
-        if len(ds) == 0:
-            raise InspectError(f"the {which} data set is empty")
-        space = getattr(ds, "label_space", None)
-        if space is not None and len(space.class_names) != k:
-            raise InspectError(f"the {which} data has {len(space.class_names)} classes but {checkpoint} predicts {k}")
-    if isinstance(source, ImageFolder):
-        raise InspectError("the source data must be labelled (its label shares and Gaussians need labels)")
-    if target_labels and isinstance(target, ImageFolder):
-        raise InspectError("--target-labels: the target data set has no labels")
+    _check_inputs(checkpoint, model, source, target, target_labels)
     config = ckpt.get("config") or {} if isinstance(ckpt, dict) else {}
     method = config.get("method") or {}
     variant, delta, cap = method.get("variant", "paper"), float(method.get("delta", 0.9)), method.get(
@@ -128,113 +286,19 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
     raw_stats = (ckpt.get("statistics") or {}) if isinstance(ckpt, dict) else {}
     stats = SemanticDistribution.from_state_dict(raw_stats["features"]).to(device) if raw_stats.get("features") \
         else None
-    skipped = [] if stats is not None else list(NEEDS_STATISTICS)
-    gen = torch.Generator().manual_seed(seed)
-    normalize = model.info.normalization
-
-    def loader(ds):
-        return DataLoader(_subset(ds, frames, seed), batch_size=1, collate_fn=collate)
-
-    # ---------------------------------------------------------------- source: label shares, source-side scores
-    src_counts = torch.zeros(k, dtype=torch.float64)
-    src_scores, src_pdd = _Scores(k), PixelDiscrimination(k)
-    samples: Dict[str, Dict[int, List[torch.Tensor]]] = {"source": {}, "target": {}}
-    taken: Dict[str, Dict[int, int]] = {"source": {}, "target": {}}
-    n_source = 0
-    for batch in tqdm(loader(source), desc="inspect: source", disable=not progress):
-        if not has_images(batch) or "label" not in batch:
-            continue
-        out = model(normalize(batch["image"].to(device)))
-        labels = batch["label"].to(device)
-        src_counts += class_shares(labels, k) * float((labels != IGNORE).sum())
-        small = downsample_labels(labels, out.features.shape[-2:]).reshape(-1)
-        rows = statistics_rows(pixel_rows(out.features), variant)
-        if stats is not None:
-            src_scores.add(rows, small, stats)
-            src_pdd.update(rows, small, stats.mean.float())
-        _sample_rows(rows, small, per_class, k, gen, samples["source"], taken["source"])
-        n_source += 1
-    if n_source == 0:
-        raise InspectError("no labelled source frame could be read")
-
-    # --------------------------------------------------------------------------------- target: predictions
-    # Confidence and prediction of every pixel are kept (a bounded number of frames): the per-class figures and
-    # Eq. 19's medians are read off them at the end; entropy is summed as it comes.
-    ent_sum = torch.zeros(k, dtype=torch.float64)
-    confidences, predictions, truths = [], [], []
-    tgt_scores, tgt_pdd = _Scores(k), PixelDiscrimination(k)
-    n_target = 0
-    for batch in tqdm(loader(target), desc="inspect: target", disable=not progress):
-        if not has_images(batch):
-            continue
-        image = batch["image"].to(device)
-        out = model(normalize(image))
-        probs = torch.softmax(upsample_logits(out.logits.float(), image.shape[-2:]), dim=1)
-        conf, pred = probs.max(1)
-        confidences.append(conf.reshape(-1).cpu())
-        predictions.append(pred.reshape(-1).cpu())
-        ent_sum.index_add_(0, predictions[-1], entropy(probs).reshape(-1).cpu())
-        small_pred = out.logits.argmax(1).reshape(-1)
-        rows = statistics_rows(pixel_rows(out.features), variant)
-        if target_labels and "label" in batch:
-            truths.append(batch["label"].reshape(-1))
-        if stats is not None:
-            tgt_scores.add(rows, small_pred, stats)
-            # PDD by the labels where there are some, else by the prediction (the best the target offers).
-            pdd_labels = (downsample_labels(batch["label"].to(device), out.features.shape[-2:]).reshape(-1)
-                          if target_labels and "label" in batch else small_pred)
-            tgt_pdd.update(rows, pdd_labels, stats.mean.float())
-        _sample_rows(rows, small_pred, per_class, k, gen, samples["target"], taken["target"])
-        n_target += 1
-    if n_target == 0:
-        raise InspectError("no target frame could be read")
-
-    conf_all, pred_all = torch.cat(confidences), torch.cat(predictions)
-    pred_counts = torch.bincount(pred_all, minlength=k).double()
-    conf_sum = torch.zeros(k, dtype=torch.float64).index_add_(0, pred_all, conf_all.double())
-    thresholds = class_median_thresholds(conf_all, pred_all, k, cap=cap)
-    # Eq. 5 and Eq. 19 on the kept confidences (the rules of sdca.method.masks, which take whole probability
-    # maps: these frames' maps are not kept).
-    eq5_labels = torch.where(conf_all >= delta, pred_all, torch.full_like(pred_all, IGNORE))
-    eq19_labels = torch.where(conf_all >= thresholds.float()[pred_all], pred_all, torch.full_like(pred_all, IGNORE))
-    eq5, eq19 = (torch.bincount(lab[lab != IGNORE], minlength=k).double() for lab in (eq5_labels, eq19_labels))
-    src_share = src_counts / src_counts.sum()
-    tgt_share = pred_counts / pred_counts.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        per_class = {
-            "source_label_share": src_share.tolist(), "target_predicted_share": tgt_share.tolist(),
-            "target_mean_confidence": _nan_list((conf_sum / pred_counts).tolist()),
-            "target_mean_entropy": _nan_list((ent_sum / pred_counts).tolist()),
-            "eq5_pass_share": _nan_list((eq5 / pred_counts).tolist()),
-            "eq19_threshold": thresholds.tolist(), "eq19_pass_share": _nan_list((eq19 / pred_counts).tolist()),
-        }
-    result = {"checkpoint": os.path.abspath(checkpoint), "title": title, "classes": list(names),
-              "frames": {"source": n_source, "target": n_target}, "delta": delta, "threshold_cap": cap,
+    ctx = _Context(model, model.num_classes, variant, stats, device, frames, seed, per_class, progress,
+                   gen=torch.Generator().manual_seed(seed))
+    src = _source_pass(ctx, source)
+    tgt = _target_pass(ctx, target, target_labels)
+    summary = _summary(src, tgt, ctx.k, delta, cap, stats is not None, target_labels)
+    result = {"checkpoint": os.path.abspath(checkpoint), "title": title, "classes": list(model.info.class_names),
+              "frames": {"source": src.frames, "target": tgt.frames}, "delta": delta, "threshold_cap": cap,
               "feature_space": "L2-normalised features" if variant == "paper" else "raw features",
-              "kl_target_predicted_vs_source_labels": kl_divergence(tgt_share, src_share),
-              "per_class": per_class, "skipped": skipped}
-    if stats is not None:
-        s_ll, s_d = src_scores.means()
-        t_ll, t_d = tgt_scores.means()
-        result["alignment"] = {"source_loglik": _nan_list(s_ll), "target_loglik": _nan_list(t_ll),
-                               "source_mahalanobis": _nan_list(s_d), "target_mahalanobis": _nan_list(t_d),
-                               "source_pdd": _nan_list(src_pdd.value().tolist()),
-                               "target_pdd": _nan_list(tgt_pdd.value().tolist()),
-                               "pdd_target_labels": "ground truth" if target_labels else "prediction"}
-        both = [(a, b) for a, b in zip(s_d, t_d) if not (math.isnan(a) or math.isnan(b))]
-        result["alignment"]["mean_mahalanobis_gap"] = (float(np.mean([b - a for a, b in both])) if both else None)
-    if target_labels and truths:
-        truth_all = torch.cat(truths)
-        valid = truth_all != IGNORE
-        confusion = torch.bincount(truth_all[valid].long() * k + pred_all[valid], minlength=k * k).reshape(k, k)
-        p5, r5, _ = masked_precision_recall(eq5_labels, truth_all, k)
-        p19, r19, _ = masked_precision_recall(eq19_labels, truth_all, k)
-        result["with_labels"] = {"eq5_precision": _nan_list(p5.tolist()), "eq5_recall": _nan_list(r5.tolist()),
-                                 "eq19_precision": _nan_list(p19.tolist()), "eq19_recall": _nan_list(r19.tolist()),
-                                 "target_label_share": class_shares(truth_all, k).tolist(),
-                                 "confusion": confusion.tolist()}
+              "kl_target_predicted_vs_source_labels": summary.pop("kl_target_predicted_vs_source_labels"),
+              "per_class": summary.pop("per_class"), "skipped": [] if stats is not None else list(NEEDS_STATISTICS),
+              **summary}
     os.makedirs(out_dir, exist_ok=True)
-    result["figures"] = _figures(result, samples, out_dir, feature_map, seed)
+    result["figures"] = _figures(result, ctx.samples, out_dir, feature_map, seed)
     atomic_write_text(os.path.join(out_dir, "inspect.json"), json.dumps(result, indent=1))
     atomic_write_text(os.path.join(out_dir, "inspect.md"), render_markdown(result))
     return result
