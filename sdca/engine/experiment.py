@@ -550,7 +550,7 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
                   *md.header(["batch norm in the warm-up", "val mIoU", "test mIoU", "note"], "lrrl")]
         for bn in WARMUP_BN[exp.model]:
             r = exp.warmup(bn)
-            lines.append(f"| {bn} (lr {r.get('lr', p.get('lr', ''))}) | {100 * (r['val']['mIoU'] or 0):.1f} | "
+            lines.append(f"| {bn} (lr {r.get('lr', '')}) | {100 * (r['val']['mIoU'] or 0):.1f} | "
                          f"{100 * (r['test']['mIoU'] or 0):.1f} | "
                          + (f"diverged: {r['diverged']} |" if r.get("diverged") else " |"))
     lines += _mt_sweep(exp)
