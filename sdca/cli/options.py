@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 
 import click
@@ -124,8 +125,6 @@ def bad_parameter(hint: str):
 
 
 def existing_file(path: str, hint: str) -> str:
-    import os
-
     if not os.path.isfile(path):
         raise click.BadParameter(f"{path} does not exist", param_hint=hint)
     return path

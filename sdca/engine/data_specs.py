@@ -33,14 +33,17 @@ def entry_dataset(config: str, entry: str, num_classes: Optional[int] = None, si
     return build_dataset(ds_cfg, num_classes or cfg.model.num_classes, transform, progress=progress)
 
 
+def entry_image_paths(config: str, entry: str) -> List[str]:
+    """The image files of a config's data entry, in the data set's order."""
+    dataset = entry_dataset(config, entry)
+    return [os.path.join(dataset.image_root, name) for name in dataset.names]
+
+
 def frame_paths(spec: str, what: str = "frames") -> List[str]:
     """The image files of ``spec``: a folder, glob or file as sdca.data.frames finds them, or CONFIG:ENTRY (the
     images of that data set)."""
     found = parse_entry(spec)
-    if found is None:
-        return find_images(spec, what)
-    dataset = entry_dataset(*found)
-    return [os.path.join(dataset.image_root, name) for name in dataset.names]
+    return find_images(spec, what) if found is None else entry_image_paths(*found)
 
 
 def frame_paths_of(specs: Sequence[str], what: str = "frames") -> List[str]:
@@ -102,7 +105,4 @@ def check_data(cfg, config_name: str) -> None:
 def frames_or_spec(spec: str):
     """CONFIG:ENTRY -> the image paths of that data set; anything else as given (a folder or glob stays one)."""
     found = parse_entry(spec)
-    if found is None:
-        return spec
-    dataset = entry_dataset(*found)
-    return [os.path.join(dataset.image_root, name) for name in dataset.names]
+    return spec if found is None else entry_image_paths(*found)

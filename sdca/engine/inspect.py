@@ -105,9 +105,12 @@ class _Context:
     seed: int
     per_class: int
     progress: bool
-    gen: torch.Generator = None
+    gen: torch.Generator = field(init=False)  # the feature samples' draws, from ``seed``
     samples: Dict[str, Dict[int, List[torch.Tensor]]] = field(default_factory=lambda: {"source": {}, "target": {}})
     taken: Dict[str, Dict[int, int]] = field(default_factory=lambda: {"source": {}, "target": {}})
+
+    def __post_init__(self):
+        self.gen = torch.Generator().manual_seed(self.seed)
 
     def batches(self, ds, which: str):
         from tqdm.auto import tqdm
@@ -286,8 +289,7 @@ def inspect_checkpoint(checkpoint: str, source, target, out_dir: str, *, target_
     raw_stats = (ckpt.get("statistics") or {}) if isinstance(ckpt, dict) else {}
     stats = SemanticDistribution.from_state_dict(raw_stats["features"]).to(device) if raw_stats.get("features") \
         else None
-    ctx = _Context(model, model.num_classes, variant, stats, device, frames, seed, per_class, progress,
-                   gen=torch.Generator().manual_seed(seed))
+    ctx = _Context(model, model.num_classes, variant, stats, device, frames, seed, per_class, progress)
     src = _source_pass(ctx, source)
     tgt = _target_pass(ctx, target, target_labels)
     summary = _summary(src, tgt, ctx.k, delta, cap, stats is not None, target_labels)
