@@ -128,7 +128,10 @@ def _seeds(ctx, param, value):
 @click.option("--mean-teacher-only", is_flag=True,
               help="Only the controls and the four mean-teacher rows, at the recipe's defaults (no sweep, no SDCA "
                    "rows): about 1.5 hours on 2 cores with --jobs 2 for the small model.")
-def experiment(out, model, seeds, jobs, quick, mean_teacher_only):
+@click.option("--sweep-mean-teacher", is_flag=True,
+              help="With --mean-teacher-only: choose the mean teacher's alpha, threshold and contrast (lambda, "
+                   "tau) on the validation split (seed 0) first, instead of the recipe's defaults.")
+def experiment(out, model, seeds, jobs, quick, mean_teacher_only, sweep_mean_teacher):
     """The controlled SynthDrive experiment docs/results.md reports: source-only, oracle, AdaBN, self-training,
     the lambda = 0 control, SDCA (paper and public-code losses), SDCA + self-training, and the one-stage mean
     teacher (without contrast, with SDCA's loss on a projection head or on the backbone, without ClassMix), over
@@ -136,9 +139,13 @@ def experiment(out, model, seeds, jobs, quick, mean_teacher_only):
     OUT/report.md."""
     from ..engine.experiment import run_experiment
 
+    if sweep_mean_teacher and not mean_teacher_only:
+        raise click.UsageError("--sweep-mean-teacher goes with --mean-teacher-only (the full experiment always "
+                               "sweeps the mean teacher)")
     out = out or ("runs/experiment" if model == "small" else f"runs/experiment-{model}")
     path = run_experiment(out, seeds=seeds, jobs=jobs, quick=quick, model=model,
-                          log=lambda m: click.echo(f"sdca: {m}"), mean_teacher_only=mean_teacher_only)
+                          log=lambda m: click.echo(f"sdca: {m}"), mean_teacher_only=mean_teacher_only,
+                          sweep_mean_teacher=sweep_mean_teacher)
     click.echo(f"sdca: experiment report: {path}")
 
 

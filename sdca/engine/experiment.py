@@ -408,21 +408,23 @@ def _task(out_dir: str, quick: bool, model: str, threads: int, name: str, args: 
 
 
 def run_experiment(out_dir: str = "runs/experiment", *, seeds: Sequence[int] = (0, 1, 2), jobs: int = 1,
-                   quick: bool = False, model: str = "small", log=print, mean_teacher_only: bool = False) -> str:
+                   quick: bool = False, model: str = "small", log=print, mean_teacher_only: bool = False,
+                   sweep_mean_teacher: bool = False) -> str:
     """Run (or resume) every piece, ``jobs`` at a time, then write ``report.md``; returns its path.
 
     ``mean_teacher_only``: the controls (source-only, oracle, AdaBN, self-training from source-only, the lambda = 0
     adapt control at the earlier sweep's batch-norm mode) and the four mean-teacher rows at the recipe's defaults;
-    no SDCA rows and no sweep (the part that fits about an hour and a half on 2 cores)."""
-    exp = Experiment(out_dir, quick=quick, model=model, mt_sweep=not mean_teacher_only)
+    no SDCA rows and no sweep (the part that fits about an hour and a half on 2 cores). ``sweep_mean_teacher``
+    with it: the mean teacher's validation sweep (seed 0) first, and its rows at the setting it chose."""
+    mt_sweep = sweep_mean_teacher or not mean_teacher_only
+    exp = Experiment(out_dir, quick=quick, model=model, mt_sweep=mt_sweep)
     threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
 
     def parallel(calls):
         if jobs <= 1:
-            return [_task(out_dir, quick, model, threads, n, a, not mean_teacher_only) for n, a in calls]
+            return [_task(out_dir, quick, model, threads, n, a, mt_sweep) for n, a in calls]
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_task, out_dir, quick, model, threads, n, a, not mean_teacher_only)
-                       for n, a in calls]
+            futures = [pool.submit(_task, out_dir, quick, model, threads, n, a, mt_sweep) for n, a in calls]
             return [f.result() for f in futures]
 
     start = time.time()
@@ -434,7 +436,13 @@ def run_experiment(out_dir: str = "runs/experiment", *, seeds: Sequence[int] = (
         # teacher needs only source-only; then the oracle, SDCA's loss on the head, the other controls.
         log(f"experiment (mean teacher and controls): source-only for seeds {list(seeds)}")
         parallel([("source", (s, "sim")) for s in seeds])
-        log(f"experiment: AdaBN and the mean teacher at {MT_DEFAULT} ({time.time() - start:.0f} s so far)")
+        if sweep_mean_teacher:
+            # Each round's odd slot takes a control, so that both workers stay busy through the sweep.
+            log(f"experiment: mean-teacher sweep on validation (seed 0; {time.time() - start:.0f} s so far)")
+            parallel([("mt_sweep_point", (p,)) for p in exp.mt_sweep_alpha()] + [("adabn", (s,)) for s in seeds])
+            parallel([("mt_sweep_point", (p,)) for p in exp.mt_sweep_threshold()] + [("source", (0, "real"))])
+            parallel([("mt_sweep_point", (p,)) for p in exp.mt_sweep_contrast()])
+        log(f"experiment: AdaBN and the mean teacher at {exp.mt_choice()['mt']} ({time.time() - start:.0f} s so far)")
         parallel([("adabn", (s,)) for s in seeds] + [("adapted", ("mt", s, choice)) for s in seeds])
         parallel([("adapted", ("mt_adabn", s, choice)) for s in seeds])  # is what it lacks batch-norm statistics?
         log(f"experiment: the oracle and SDCA's loss on the projection head ({time.time() - start:.0f} s so far)")
