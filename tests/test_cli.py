@@ -69,6 +69,16 @@ def test_a_library_error_is_one_line_naming_the_file(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
 
 
+def test_sweep_mean_teacher_needs_mean_teacher_only(tmp_path):
+    from click.testing import CliRunner
+
+    from sdca.cli import main
+
+    result = CliRunner().invoke(main, ["experiment", "--sweep-mean-teacher", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--sweep-mean-teacher goes with --mean-teacher-only" in result.output
+    assert not (tmp_path / "e").exists()  # refused before anything is written
+
+
 def test_the_command_line_loads_without_torch():
     """The CLI imports the library inside commands only: `sdca --help` needs click and the torch-free records."""
     out = subprocess.run([sys.executable, "-c", "import sys; import sdca.cli; print('torch' in sys.modules)"],

@@ -123,3 +123,47 @@ def test_report_goal_picks_the_recipe_on_validation_and_checks_every_control(tmp
     text = Path(write_report(exp, [0, 1, 2], choice)).read_text()
     assert "| AdaBN (source-only, target BN statistics) | 22.0 ± 2.0 | +0.0 | no |" in text
     assert "**missed**" in text
+
+
+def test_mean_teacher_only_with_the_sweep_runs_it_before_the_rows_and_uses_its_choice(tmp_path, monkeypatch):
+    """--mean-teacher-only --sweep-mean-teacher: the sweep points (alpha, then the threshold at the best alpha,
+    then the contrast at the best of those) run before any mean-teacher row, and the rows take its choice."""
+    import sdca.engine.experiment as experiment
+
+    out = str(tmp_path / "experiment")
+    val = {"a-0.99_thr-0.968": 0.20, "a-0.999_thr-0.968": 0.25, "a-0.999_thr-0.9": 0.27,
+           "a-0.999_thr-0.9_projection_lam-1.0_tau-100.0": 0.21, "a-0.999_thr-0.9_projection_lam-0.1_tau-0.5": 0.30}
+    calls = []
+
+    def fake_task(out_dir, quick, model, threads, name, args, mt_sweep=True):
+        exp = Experiment(out_dir, quick=quick, model=model, mt_sweep=mt_sweep)
+        calls.append((name, args))
+        if name == "mt_sweep_point":
+            tag = exp.mt_tag(args[0])
+            p = args[0]
+            exp._save("mtsweep_" + tag, {"val": {"mIoU": val[tag], "IoU": {}}, "test": {"mIoU": 0.1, "IoU": {}},
+                                         "mean_teacher": {"alpha": p["alpha"], "threshold": p["thr"],
+                                                          "contrast": p.get("contrast", "none"),
+                                                          "lambda_contrast": p.get("lam", 0.0),
+                                                          "tau": p.get("tau", 100.0)}})
+        if name == "adapted" and args[0] in experiment.MT_ROWS:
+            exp._save(exp.row_key(args[0], args[1], args[2]), {"val": {"mIoU": 0.1, "IoU": {}},
+                                                               "test": {"mIoU": 0.1, "IoU": {}}})
+
+    monkeypatch.setattr(experiment, "_task", fake_task)
+    exp = Experiment(out, quick=True, mt_sweep=True)
+    exp._save("s0_source", {"val": {"mIoU": 0.1, "IoU": {}}, "test": {"mIoU": 0.1, "IoU": {}}, "checkpoint": "x.pt"})
+    experiment.run_experiment(out, seeds=(0, 1), quick=True, mean_teacher_only=True, sweep_mean_teacher=True,
+                              log=lambda m: None)
+    sweep = [exp.mt_tag(a[0]) for n, a in calls if n == "mt_sweep_point"]
+    assert sweep == ["a-0.99_thr-0.968", "a-0.999_thr-0.968", "a-0.999_thr-0.9",
+                     "a-0.999_thr-0.9_projection_lam-1.0_tau-100.0", "a-0.999_thr-0.9_projection_lam-0.1_tau-0.5"]
+    first_row = next(i for i, (n, a) in enumerate(calls) if n == "adapted" and a[0] in experiment.MT_ROWS)
+    assert max(i for i, (n, _) in enumerate(calls) if n == "mt_sweep_point") < first_row
+    assert exp.row_key("mt", 1, {}) == "s1_mt_a-0.999_thr-0.9"
+    assert exp.row_key("mt_backbone", 1, {}) == "s1_mt_backbone_a-0.999_thr-0.9_backbone_lam-0.1_tau-0.5"
+    for row in experiment.MT_ROWS:  # every row and seed ran at the chosen setting
+        for seed in (0, 1):
+            assert exp.result(exp.row_key(row, seed, {})) is not None, (row, seed)
+    # Without the sweep the rows take the recipe's defaults.
+    assert Experiment(out, quick=True, mt_sweep=False).row_key("mt", 1, {}) == "s1_mt_a-0.999_thr-0.968"
