@@ -84,7 +84,7 @@ def test_report_goal_picks_the_recipe_on_validation_and_checks_every_control(tmp
     exp = Experiment(str(tmp_path / "experiment"), quick=True)
     choice = {"bn": "target", "lam": 0.1, "tau": 0.5}
     # The mean-teacher sweep: alpha 0.999 best, then threshold 0.9 worse, then contrast (1, 100) best.
-    sweep = {"a-0.99_thr-0.968": 0.20, "a-0.999_thr-0.968": 0.25, "a-0.999_thr-0.9": 0.22,
+    sweep = {"a-0.99_thr-0.968": 0.20, "a-0.9_thr-0.968": 0.24, "a-0.999_thr-0.968": 0.25, "a-0.999_thr-0.9": 0.22,
              "a-0.999_thr-0.968_projection_lam-1.0_tau-100.0": 0.26, "a-0.999_thr-0.968_projection_lam-0.1_tau-0.5": 0.21}
     for tag, v in sweep.items():
         alpha, thr = float(tag.split("_")[0][2:]), float(tag.split("_")[1][4:])
@@ -131,7 +131,7 @@ def test_mean_teacher_only_with_the_sweep_runs_it_before_the_rows_and_uses_its_c
     import sdca.engine.experiment as experiment
 
     out = str(tmp_path / "experiment")
-    val = {"a-0.99_thr-0.968": 0.20, "a-0.999_thr-0.968": 0.25, "a-0.999_thr-0.9": 0.27,
+    val = {"a-0.99_thr-0.968": 0.20, "a-0.9_thr-0.968": 0.22, "a-0.999_thr-0.968": 0.25, "a-0.999_thr-0.9": 0.27,
            "a-0.999_thr-0.9_projection_lam-1.0_tau-100.0": 0.21, "a-0.999_thr-0.9_projection_lam-0.1_tau-0.5": 0.30}
     calls = []
 
@@ -156,7 +156,7 @@ def test_mean_teacher_only_with_the_sweep_runs_it_before_the_rows_and_uses_its_c
     experiment.run_experiment(out, seeds=(0, 1), quick=True, mean_teacher_only=True, sweep_mean_teacher=True,
                               log=lambda m: None)
     sweep = [exp.mt_tag(a[0]) for n, a in calls if n == "mt_sweep_point"]
-    assert sweep == ["a-0.99_thr-0.968", "a-0.999_thr-0.968", "a-0.999_thr-0.9",
+    assert sweep == ["a-0.999_thr-0.968", "a-0.99_thr-0.968", "a-0.9_thr-0.968", "a-0.999_thr-0.9",
                      "a-0.999_thr-0.9_projection_lam-1.0_tau-100.0", "a-0.999_thr-0.9_projection_lam-0.1_tau-0.5"]
     first_row = next(i for i, (n, a) in enumerate(calls) if n == "adapted" and a[0] in experiment.MT_ROWS)
     assert max(i for i, (n, _) in enumerate(calls) if n == "mt_sweep_point") < first_row
@@ -167,3 +167,15 @@ def test_mean_teacher_only_with_the_sweep_runs_it_before_the_rows_and_uses_its_c
             assert exp.result(exp.row_key(row, seed, {})) is not None, (row, seed)
     # Without the sweep the rows take the recipe's defaults.
     assert Experiment(out, quick=True, mt_sweep=False).row_key("mt", 1, {}) == "s1_mt_a-0.999_thr-0.968"
+
+
+def test_a_tied_mean_teacher_sweep_keeps_the_recipe_default(tmp_path):
+    """In a short run the alpha ramp never reaches 0.99 or 0.999, so those points tie exactly; the tie must go to
+    the recipe's default (0.999), not to whichever value the grid happens to list first."""
+    from sdca.engine.experiment import MT_DEFAULT
+
+    exp = Experiment(str(tmp_path / "experiment"), quick=True)
+    for p in exp.mt_sweep_alpha():
+        exp._save("mtsweep_" + exp.mt_tag(p), {"val": {"mIoU": 0.15, "IoU": {}}, "test": {"mIoU": 0.15, "IoU": {}}})
+    thresholds = exp.mt_sweep_threshold(run=False)
+    assert thresholds and all(p["alpha"] == MT_DEFAULT["alpha"] for p in thresholds)
