@@ -53,7 +53,7 @@ DELTA = 0.9
 # Mean teacher on validation (seed 0): alpha, then the threshold at the best alpha (no contrast); then the
 # contrastive term on the projection head: SePiCo's (lambda 1, tau 100) and the SDCA experiment's tau 0.5.
 # The EMA ramp min(1 - 1/(t+1), alpha) reaches alpha only after 1/(1 - alpha) - 1 steps: 0.99 needs 99, 0.999
-# needs 999, so in a few-hundred-step run those teachers are both the plain average of every student iterate.
+# needs 999; until then the teacher is the plain average of every iterate, so in a 100-step run they barely differ.
 # 0.9 caps at step 9 and is the one short-horizon teacher. Ties go to the first point: the recipe's default.
 MT_SWEEP_ALPHA = (0.999, 0.99, 0.9)
 MT_SWEEP_THRESHOLD = (0.9,)  # beside the default 0.968
