@@ -513,6 +513,8 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
 
     table = collect(exp, seeds, choice)
     p = exp.plan
+    results_dir = os.path.join(exp.out_dir, "results")
+    sweep = sorted(k for k in os.listdir(results_dir) if k.startswith("sweep_")) if os.path.isdir(results_dir) else []
     model = ("384x192; deeplabv2_lite0 (EfficientNet-Lite0 from ImageNet, output stride 16, batch norm "
              f"{exp.warmup_bn()} in the warm-up)" if exp.model == "lite0"
              else "256x128; deeplabv2_small (width 16) from scratch")
@@ -524,9 +526,13 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
              "domain. "
              f"Seeds {', '.join(map(str, seeds))}. Test-split mIoU (19 classes; a class absent from the test "
              "split is left out).", "",
-             f"Chosen on the validation split (seed 0): adapt_bn={choice['bn']}, lambda_feat = lambda_out = "
-             f"{choice['lam']}, tau = {choice['tau']}, delta = {DELTA}, target mask "
-             f"{'class-balanced (per-class min(delta, batch median))' if choice.get('cb') else 'Eq. 5 (fixed delta)'}.",
+             (f"Chosen on the validation split (seed 0): adapt_bn={choice['bn']}, lambda_feat = lambda_out = "
+              f"{choice['lam']}, tau = {choice['tau']}, delta = {DELTA}, target mask "
+              f"{'class-balanced (per-class min(delta, batch median))' if choice.get('cb') else 'Eq. 5 (fixed delta)'}."
+              if sweep else
+              # --mean-teacher-only runs no SDCA sweep: saying "chosen" here would claim a choice this run never made.
+              f"No SDCA sweep in this run (--mean-teacher-only): the lambda = 0 control takes adapt_bn={choice['bn']}, "
+              "the full experiment's earlier validation choice for this model."),
              "",
              *md.header(["row", "batch norm", "mean ± std", *(f"seed {s}" for s in seeds)], "llr" + "r" * len(seeds))]
     for row in table.values():
@@ -547,15 +553,15 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
                   *md.table(["class", *(r["label"] for r in rows)], "l" + "r" * len(rows),
                             ([name, *("n/a" if m is None else f"{m:.1f}" for m in means)]
                              for name, means in class_means.items()))]
-    lines += ["", "## Validation sweep (seed 0, validation split)", "",
-              *md.header(["adapt_bn", "lambda", "tau", "target mask", "val mIoU"], "lrrlr")]
-    for key in sorted(os.listdir(os.path.join(exp.out_dir, "results"))):
-        if key.startswith("sweep_"):
-            r = json.loads(Path(os.path.join(exp.out_dir, "results", key)).read_text())
-            m = r["method"]
-            mask = "class-balanced" if m.get("class_balanced_mask") else "Eq. 5"
-            lines.append(f"| {m.get('adaptation_bn', m.get('adapt_bn'))} | {m['lambda_feat']} | {m['tau']} | {mask} | "
-                         f"{100 * (r['val']['mIoU'] or 0):.1f} |")
+    if sweep:
+        lines += ["", "## Validation sweep (seed 0, validation split)", "",
+                  *md.header(["adapt_bn", "lambda", "tau", "target mask", "val mIoU"], "lrrlr")]
+    for key in sweep:
+        r = json.loads(Path(os.path.join(results_dir, key)).read_text())
+        m = r["method"]
+        mask = "class-balanced" if m.get("class_balanced_mask") else "Eq. 5"
+        lines.append(f"| {m.get('adaptation_bn', m.get('adapt_bn'))} | {m['lambda_feat']} | {m['tau']} | {mask} | "
+                     f"{100 * (r['val']['mIoU'] or 0):.1f} |")
     if len(WARMUP_BN[exp.model]) > 1:
         lines += ["", "## Warm-up batch norm (seed 0, source-only, validation split)", "",
                   *md.header(["batch norm in the warm-up", "val mIoU", "test mIoU", "note"], "lrrl")]
@@ -738,13 +744,13 @@ def _mt_diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List
 
             def med(key, scale=100.0):
                 v = series(key)
-                return f"{scale * statistics.median(v):.2f}" if v else "n/a"
+                return f"{scale * statistics.median(v):.2f}%" if v else "n/a"
 
             def ends(key, scale=100.0):
                 v = series(key)
-                return f"{scale * v[0]:.1f} -> {scale * v[-1]:.1f}" if v else "n/a"
-            rows.append(f"| {row} | {seed} | {med('gradshare_mix')}% | {med('gradshare_contrast')}% | "
-                        f"{ends('pseudo_weight')}% | {ends('teacher_acc')}% | {med('pseudo_precision', 100):s}% |")
+                return f"{scale * v[0]:.1f} -> {scale * v[-1]:.1f}%" if v else "n/a"
+            rows.append(f"| {row} | {seed} | {med('gradshare_mix')} | {med('gradshare_contrast')} | "
+                        f"{ends('pseudo_weight')} | {ends('teacher_acc')} | {med('pseudo_precision')} |")
     if not rows:
         return []
     lines = ["", "## What the mean-teacher terms did (logged every log period, target labels read for monitoring "

@@ -179,3 +179,29 @@ def test_a_tied_mean_teacher_sweep_keeps_the_recipe_default(tmp_path):
         exp._save("mtsweep_" + exp.mt_tag(p), {"val": {"mIoU": 0.15, "IoU": {}}, "test": {"mIoU": 0.15, "IoU": {}}})
     thresholds = exp.mt_sweep_threshold(run=False)
     assert thresholds and all(p["alpha"] == MT_DEFAULT["alpha"] for p in thresholds)
+
+
+def test_mean_teacher_only_report_claims_no_sweep_it_did_not_run_and_writes_mt_diagnostics(tmp_path):
+    """Without SDCA sweep points the report says the control's setting is the earlier choice (it was not chosen
+    in this run) and prints no empty sweep table; the mean-teacher diagnostics are medians and first -> last
+    values, and a term the run did not log reads "n/a", not "n/a%"."""
+    exp = Experiment(str(tmp_path / "experiment"), quick=True, mt_sweep=False)
+    choice = {"bn": "target", "lam": 0.1, "tau": 0.5}
+    ok = {"val": {"mIoU": 0.2, "IoU": {"road": 0.5}}, "test": {"mIoU": 0.2, "IoU": {"road": 0.5}}}
+    for row in ("source", "oracle", "adabn", "st_source", "control"):
+        exp._save(exp.row_key(row, 0, choice), ok)
+    run = tmp_path / "experiment" / exp.row_key("mt", 0, choice)
+    exp._save(exp.row_key("mt", 0, choice), dict(ok, checkpoint=str(run / "mean-teacher" / "final.pt")))
+    run.mkdir(parents=True)
+    mix, weight, acc = [0.7, 0.9, 0.8, 0.75], [0.40, 0.45, 0.50, 0.52], [0.6, 0.62, 0.65, 0.7]
+    records = [{"stage": "mean-teacher", "step": i, "gradshare_mix": m, "pseudo_weight": w, "teacher_acc": a,
+                "pseudo_precision": 0.9} for i, (m, w, a) in enumerate(zip(mix, weight, acc))]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    text = Path(write_report(exp, [0], choice)).read_text()
+    assert "No SDCA sweep in this run" in text and "adapt_bn=target" in text
+    assert "Chosen on the validation split (seed 0): adapt_bn" not in text
+    assert "## Validation sweep (seed 0, validation split)" not in text
+    expected = (f"| mt | 0 | {100 * np.median(mix):.2f}% | n/a | {100 * weight[0]:.1f} -> {100 * weight[-1]:.1f}% | "
+                f"{100 * acc[0]:.1f} -> {100 * acc[-1]:.1f}% | 90.00% |")
+    assert expected in text
+    assert "n/a%" not in text
