@@ -126,8 +126,8 @@ def _seeds(ctx, param, value):
               help="Runs at a time (each gets cores / jobs threads).")
 @click.option("--quick", is_flag=True, help="Tiny frame counts and iterations: checks the plumbing, measures nothing.")
 @click.option("--mean-teacher-only", is_flag=True,
-              help="Only the controls and the four mean-teacher rows, at the recipe's defaults (no sweep, no SDCA "
-                   "rows): about 1.5 hours on 2 cores with --jobs 2 for the small model.")
+              help="Only the controls and the mean-teacher rows, at the recipe's defaults unless --sweep-mean-teacher "
+                   "(no SDCA rows or sweep): about 1.5 hours on 2 cores with --jobs 2 for the small model.")
 @click.option("--sweep-mean-teacher", is_flag=True,
               help="With --mean-teacher-only: choose the mean teacher's alpha, threshold and contrast (lambda, "
                    "tau) on the validation split (seed 0) first, instead of the recipe's defaults: six more runs, "
