@@ -109,7 +109,13 @@ class Experiment:
 
     def result(self, key: str) -> Optional[dict]:
         path = self._result_path(key)
-        return json.load(open(path)) if os.path.isfile(path) else None
+        return json.loads(Path(path).read_text()) if os.path.isfile(path) else None
+
+    def results(self, prefix: str) -> List[dict]:
+        """Every saved result whose key starts with ``prefix``, in key order (the sweep tables)."""
+        folder = os.path.join(self.out_dir, "results")
+        names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        return [self.result(n[:-len(".json")]) for n in names if n.startswith(prefix) and n.endswith(".json")]
 
     def _save(self, key: str, value: dict) -> dict:
         atomic_write_text(self._result_path(key), json.dumps(value, indent=1))
@@ -513,8 +519,7 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
 
     table = collect(exp, seeds, choice)
     p = exp.plan
-    results_dir = os.path.join(exp.out_dir, "results")
-    sweep = sorted(k for k in os.listdir(results_dir) if k.startswith("sweep_")) if os.path.isdir(results_dir) else []
+    sweep = exp.results("sweep_")
     model = ("384x192; deeplabv2_lite0 (EfficientNet-Lite0 from ImageNet, output stride 16, batch norm "
              f"{exp.warmup_bn()} in the warm-up)" if exp.model == "lite0"
              else "256x128; deeplabv2_small (width 16) from scratch")
@@ -556,8 +561,7 @@ def write_report(exp: Experiment, seeds: Sequence[int], choice: dict) -> str:
     if sweep:
         lines += ["", "## Validation sweep (seed 0, validation split)", "",
                   *md.header(["adapt_bn", "lambda", "tau", "target mask", "val mIoU"], "lrrlr")]
-    for key in sweep:
-        r = json.loads(Path(os.path.join(results_dir, key)).read_text())
+    for r in sweep:
         m = r["method"]
         mask = "class-balanced" if m.get("class_balanced_mask") else "Eq. 5"
         lines.append(f"| {m.get('adaptation_bn', m.get('adapt_bn'))} | {m['lambda_feat']} | {m['tau']} | {mask} | "
@@ -694,14 +698,10 @@ def _goal(exp: Experiment, seeds: Sequence[int], choice: dict, table: Dict[str, 
 
 def _mt_sweep(exp: Experiment) -> List[str]:
     lines = []
-    folder = os.path.join(exp.out_dir, "results")
-    for key in sorted(os.listdir(folder)):
-        if key.startswith("mtsweep_"):
-            with open(os.path.join(folder, key)) as f:
-                r = json.load(f)
-            m = r["mean_teacher"]
-            contrast = "none" if m["contrast"] == "none" else f"{m['contrast']} (lambda {m['lambda_contrast']}, tau {m['tau']})"
-            lines.append(f"| {m['alpha']} | {m['threshold']} | {contrast} | {100 * (r['val']['mIoU'] or 0):.1f} |")
+    for r in exp.results("mtsweep_"):
+        m = r["mean_teacher"]
+        contrast = "none" if m["contrast"] == "none" else f"{m['contrast']} (lambda {m['lambda_contrast']}, tau {m['tau']})"
+        lines.append(f"| {m['alpha']} | {m['threshold']} | {contrast} | {100 * (r['val']['mIoU'] or 0):.1f} |")
     if not lines:
         return []
     chosen = exp.mt_choice(run=False)
@@ -742,13 +742,13 @@ def _mt_diagnostics(exp: Experiment, seeds: Sequence[int], choice: dict) -> List
             def series(key):
                 return [r[key] for r in records if isinstance(r.get(key), (int, float))]  # noqa: B023 -- called in this iteration
 
-            def med(key, scale=100.0):
+            def med(key):
                 v = series(key)
-                return f"{scale * statistics.median(v):.2f}%" if v else "n/a"
+                return f"{100 * statistics.median(v):.2f}%" if v else "n/a"
 
-            def ends(key, scale=100.0):
+            def ends(key):
                 v = series(key)
-                return f"{scale * v[0]:.1f} -> {scale * v[-1]:.1f}%" if v else "n/a"
+                return f"{100 * v[0]:.1f} -> {100 * v[-1]:.1f}%" if v else "n/a"
             rows.append(f"| {row} | {seed} | {med('gradshare_mix')} | {med('gradshare_contrast')} | "
                         f"{ends('pseudo_weight')} | {ends('teacher_acc')} | {med('pseudo_precision')} |")
     if not rows:
