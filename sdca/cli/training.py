@@ -127,11 +127,12 @@ def _seeds(ctx, param, value):
 @click.option("--quick", is_flag=True, help="Tiny frame counts and iterations: checks the plumbing, measures nothing.")
 @click.option("--mean-teacher-only", is_flag=True,
               help="Only the controls and the mean-teacher rows, at the recipe's defaults unless --sweep-mean-teacher "
-                   "(no SDCA rows or sweep): about 1.5 hours on 2 cores with --jobs 2 for the small model.")
+                   "(no SDCA rows, no SDCA sweep).")
 @click.option("--sweep-mean-teacher", is_flag=True,
               help="With --mean-teacher-only: choose the mean teacher's alpha, threshold and contrast (lambda, "
-                   "tau) on the validation split (seed 0) first, instead of the recipe's defaults: six more runs, "
-                   "about 1.6 hours in all for Lite0 on 2 cores with --jobs 2.")
+                   "tau) on the validation split (seed 0) first, instead of the recipe's defaults: six more runs. "
+                   "With the sweep, about 1 hour in all for the small model and 1.6 hours for Lite0 on 2 cores "
+                   "with --jobs 2.")
 def experiment(out, model, seeds, jobs, quick, mean_teacher_only, sweep_mean_teacher):
     """The controlled SynthDrive experiment docs/results.md reports: source-only, oracle, AdaBN, self-training,
     the lambda = 0 control, SDCA (paper and public-code losses), SDCA + self-training, and the one-stage mean
