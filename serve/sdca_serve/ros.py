@@ -244,7 +244,7 @@ def main(argv=None, prog: str = "python -m sdca_serve.ros") -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         import rclpy
-        from rclpy.executors import ExternalShutdownException
+        from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     except ImportError:
         print(f"{prog}: rclpy is not importable: source a ROS 2 installation (Humble, Jazzy, Kilted) or install the "
               "wheels with pip install 'sdca[ros]'", file=sys.stderr)
@@ -265,16 +265,24 @@ def main(argv=None, prog: str = "python -m sdca_serve.ros") -> int:
                                    ("runtime", args.runtime), ("precision", args.precision))
                  if v}
     rclpy.init(args=[prog, *ros_args])
-    node = None
+    node = executor = None
     try:
         node = make_node(overrides)
-        rclpy.spin(node)
+        executor = SingleThreadedExecutor()
+        executor.add_node(node)
+        # A bounded wait instead of rclpy.spin: the main thread comes back to Python at least every half
+        # second, so a Ctrl-C or a shut-down context ends the node even when nothing wakes the wait set (CI
+        # once saw the node outlive a 20 s grace period after SIGINT inside an unbounded spin).
+        while rclpy.ok():
+            executor.spin_once(timeout_sec=0.5)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (ValueError, FileNotFoundError) as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return 2
     finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=1)
         if node is not None:
             node.close()
             node.destroy_node()

@@ -87,7 +87,9 @@ class Node:
 
     def __init__(self, exported, env, *ros_params):
         self.log = open(exported / f"node-{time.time_ns()}.log", "w+")  # noqa: SIM115 -- the node writes to it until stop() closes it
-        cmd = [sys.executable, "-m", "sdca_serve.ros", "--ros-args", "--params-file", str(exported / "model.ros2.yaml")]
+        # -X faulthandler: a node that outlives its stop() is sent SIGABRT, which dumps every thread's stack
+        # into the log the failure message shows.
+        cmd = [sys.executable, "-X", "faulthandler", "-m", "sdca_serve.ros", "--ros-args", "--params-file", str(exported / "model.ros2.yaml")]
         for p in ros_params:
             cmd += ["-p", p]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
@@ -104,8 +106,12 @@ class Node:
             try:
                 self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.proc.send_signal(signal.SIGABRT)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         return self.proc.returncode
 
 
